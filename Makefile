@@ -1,0 +1,30 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fedcohort-installed
+STATE ?= .fedcohort
+
+.PHONY: demo test bench ui install clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/coordinator demo --state-dir $(STATE) --json $(STATE)/demo_summary.json
+
+test: $(STAMP)
+	$(PY) -m pytest -q -rs
+
+bench: $(STAMP)
+	$(PY) bench/accuracy_heart.py
+	$(PY) bench/round_latency.py
+
+ui: $(STAMP)
+	$(VENV)/bin/coordinator ui --state-dir $(STATE)
+
+clean:
+	rm -rf $(STATE)

@@ -1,0 +1,1 @@
+"""Runs inside a hospital: cohort, features, training, the Flower ClientApp, the CLI."""
