@@ -47,6 +47,7 @@ class CohortSchema(_Strict):
     label_column: str
     min_rows: int = Field(20, ge=1)
     min_rows_per_class: int = Field(1, ge=1)
+    max_rows: int = Field(100_000, ge=1, description="declared largest cohort: aggregation weights are rows / max_rows")
     patient_id_column: str | None = None
 
     @model_validator(mode="after")

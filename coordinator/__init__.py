@@ -1,0 +1,1 @@
+"""Runs the study: rounds, sums, pooled evaluation, the Flower ServerApp, the CLI."""

@@ -1,0 +1,103 @@
+"""The layout of every message between coordinator and silos, independent of transport.
+
+Each message is a small header (plain config values) plus named float64 arrays. The
+Flower adapters on each side only copy these into ConfigRecord / ArrayRecord, so the
+contract lives here, once.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from policies import PROTOCOL_VERSION
+from policies.errors import PolicyError
+
+STATS = "query.stats"  # round 0: normalisation moments
+TRAIN = "train"
+EVALUATE = "evaluate"
+HEADER = "fedcohort"  # ConfigRecord name of the header
+ARRAYS = "arrays"  # ArrayRecord name of the arrays
+STATS_SUM = "stats_sum"
+UPDATE = "update"
+EVAL = "eval"
+MOMENTS = "moments"
+
+
+def agg_key(round_no: int) -> str:
+    return f"agg_{round_no:04d}"
+
+
+def new_nonce() -> str:
+    return secrets.token_hex(16)
+
+
+class Request(BaseModel):
+    """What the coordinator asks: which study, which round, with a fresh nonce."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    protocol_version: int = PROTOCOL_VERSION
+    study_id: str
+    policy_hash: str
+    round: int
+    nonce: str
+
+
+class Reply(BaseModel):
+    """A silo's answer. `report` is the silo's own small-cell-suppressed view, as JSON."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    protocol_version: int = PROTOCOL_VERSION
+    study_id: str
+    policy_hash: str
+    round: int
+    nonce: str
+    silo: str
+    status: Literal["ok", "refused"]
+    reason: str = ""
+    report: str = "{}"
+
+    def report_dict(self) -> dict:
+        return json.loads(self.report)
+
+
+def check_request(req: Request, study_id: str, policy_hash: str) -> None:
+    """A silo refuses a request for another protocol, study or policy version."""
+    if req.protocol_version != PROTOCOL_VERSION:
+        raise PolicyError(
+            f"coordinator speaks protocol {req.protocol_version}, this silo speaks {PROTOCOL_VERSION}: refused"
+        )
+    if req.study_id != study_id or req.policy_hash != policy_hash:
+        raise PolicyError(
+            f"request is for study '{req.study_id}' policy {req.policy_hash[:12]}, this silo approved "
+            f"'{study_id}' policy {policy_hash[:12]}: refused"
+        )
+
+
+def check_reply(reply: Reply, req: Request) -> None:
+    """The coordinator drops replies that do not answer the exact request it sent."""
+    for field in ("protocol_version", "study_id", "policy_hash", "round", "nonce"):
+        if getattr(reply, field) != getattr(req, field):
+            raise PolicyError(f"reply from '{reply.silo}' does not match the request ({field} differs)")
+
+
+def history_arrays(stats_sum: np.ndarray | None, aggregates: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """The public state every silo needs to rebuild the global model: stats and sums so far."""
+    out: dict[str, np.ndarray] = {}
+    if stats_sum is not None:
+        out[STATS_SUM] = np.asarray(stats_sum, dtype=np.float64)
+    for r, agg in enumerate(aggregates, start=1):
+        out[agg_key(r)] = np.asarray(agg, dtype=np.float64)
+    return out
+
+
+def aggregates_from_arrays(arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
+    keys = sorted(k for k in arrays if k.startswith("agg_"))
+    expected = [agg_key(r) for r in range(1, len(keys) + 1)]
+    if keys != expected:
+        raise PolicyError("aggregate history has gaps: refused")
+    return [arrays[k] for k in keys]
