@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from policies.validation import suppress
+
 HIST_BINS = 20
 # Layout: tp, fp, tn, fn, loss_sum, n, positive-score histogram, negative-score histogram
 N_FIXED = 6
@@ -68,12 +70,6 @@ def metrics_from_counts(counts: np.ndarray) -> dict[str, float]:
     for name, (s, m) in {"accuracy": (tp + tn, n), "sensitivity": (tp, tp + fn), "specificity": (tn, tn + fp)}.items():
         out[f"{name}_ci_low"], out[f"{name}_ci_high"] = wilson(s, m)
     return out
-
-
-def suppress(count: float, k: int) -> int | str:
-    """Small-cell rule: a count in 1..k-1 leaves a silo only as the string '<k'."""
-    c = int(round(count))
-    return f"<{k}" if 0 < c < k else c
 
 
 def silo_report(counts: np.ndarray, k: int) -> dict[str, int | str | float | None]:

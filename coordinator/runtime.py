@@ -1,0 +1,192 @@
+"""Start and stop the Flower deployment runtime on this machine (the demo and tests).
+
+Every process gets its own session so it can be stopped by its own process group,
+never by name; every run gets its own FLWR_HOME; telemetry and update checks are off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+APP_DIR = Path(__file__).resolve().parent / "flower_app"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra or {})
+    return env
+
+
+def _tool(name: str) -> str:
+    path = BIN / name
+    return str(path) if path.exists() else (shutil.which(name) or name)
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM the process group, SIGKILL it if it has not gone after `grace` seconds."""
+        if self.popen.poll() is not None:
+            return
+        try:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            self.popen.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(timeout=grace)
+        except ProcessLookupError:
+            pass
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+@dataclass
+class SiloSpec:
+    name: str
+    cohort: Path
+    study: Path
+    state_dir: Path
+
+
+@dataclass
+class LocalFederation:
+    """A SuperLink and a set of SuperNodes on 127.0.0.1, all started and stopped together."""
+
+    work_dir: Path
+    env_extra: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    processes: list[Process] = field(default_factory=list)
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.work_dir / "flwr_home"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _spawn(self, name: str, cmd: list[str]) -> Process:
+        log_dir = self.work_dir / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log = log_dir / f"{name}.log"
+        with open(log, "ab") as fh:
+            popen = subprocess.Popen(
+                cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                env=flower_env(self.flwr_home, self.env_extra), cwd=self.work_dir,
+            )
+        proc = Process(name, popen, log)
+        self.processes.append(proc)
+        return proc
+
+    def start_superlink(self) -> Process:
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        (self.flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "{self.address}"\ninsecure = true\n'
+        )
+        proc = self._spawn("superlink", [
+            _tool("flower-superlink"), "--insecure", "--port", str(self.port),
+            "--disable-runtime-dependency-installation",
+        ])
+        self._wait_port(self.port, proc)
+        return proc
+
+    def start_silo(self, silo: SiloSpec) -> Process:
+        silo.state_dir.mkdir(parents=True, exist_ok=True)
+        node_config = (
+            f'silo-name="{silo.name}" cohort-path="{silo.cohort}" '
+            f'study-path="{silo.study}" state-dir="{silo.state_dir}"'
+        )
+        return self._spawn(f"silo-{silo.name}", [
+            _tool("flower-supernode"), "--insecure", "--superlink", self.address,
+            "--port", str(free_port()), "--node-config", node_config,
+        ])
+
+    def submit(self, run_config: dict[str, object]) -> str:
+        """`flwr run` the study app; returns the Flower run id (kept as text: it is u64)."""
+        cfg = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+        out = subprocess.run(
+            [_tool("flwr"), "run", str(APP_DIR), "local", "--run-config", cfg, "--format", "json"],
+            env=flower_env(self.flwr_home, self.env_extra), cwd=self.work_dir,
+            capture_output=True, text=True, timeout=120,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"flwr run failed ({out.returncode}): {out.stderr.strip() or out.stdout.strip()}")
+        return _run_id(out.stdout)
+
+    def run_status(self, run_id: str) -> str:
+        out = subprocess.run(
+            [_tool("flwr"), "ls", "local", "--run-id", run_id, "--format", "json"],
+            env=flower_env(self.flwr_home, self.env_extra), cwd=self.work_dir,
+            capture_output=True, text=True, timeout=60,
+        )
+        try:
+            runs = json.loads(out.stdout).get("runs", [])
+            return str(runs[0].get("status", "unknown")) if runs else "unknown"
+        except (json.JSONDecodeError, AttributeError):
+            return "unknown"
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+        self.processes.clear()
+
+    @staticmethod
+    def _wait_port(port: int, proc: Process, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not proc.alive():
+                raise RuntimeError(f"{proc.name} exited early; see {proc.log}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.1)
+        raise RuntimeError(f"{proc.name} did not open port {port} within {timeout:.0f} s; see {proc.log}")
+
+
+def _run_id(stdout: str) -> str:
+    try:
+        return str(json.loads(stdout)["run-id"])
+    except (json.JSONDecodeError, KeyError):
+        for token in stdout.replace(",", " ").split():
+            if token.isdigit() and len(token) > 6:
+                return token
+        raise RuntimeError(f"could not read the run id from flwr run output: {stdout.strip()[:200]}") from None
+
+
+@contextmanager
+def local_federation(work_dir: Path, env_extra: dict[str, str] | None = None) -> Iterator[LocalFederation]:
+    fed = LocalFederation(work_dir=work_dir, env_extra=env_extra or {})
+    try:
+        yield fed
+    finally:
+        fed.stop()

@@ -1,0 +1,164 @@
+"""The Flower ServerApp: run the study's phases over the grid and keep only sums.
+
+Phases: a statistics round (pooled normalisation), then `rounds` training rounds (each
+silo first evaluates the model it receives, then trains from it, so evaluation rides on
+the training message), then one final evaluation. Messages are pushed, and replies
+pulled every `poll-interval` seconds rather than on Flower's fixed 3-second tick.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from policies import messages as m
+from policies.errors import PolicyError
+from policies.metrics import metrics_from_counts
+from policies.study import StudySpec, load_study
+from coordinator.rounds import RoundRecord, StudyState, final_evaluation
+
+app = ServerApp()
+
+
+@dataclass
+class SiloAnswer:
+    node_id: int
+    reply: m.Reply
+    arrays: dict[str, np.ndarray]
+
+
+class StudyRunner:
+    """Drives one study over a Flower grid and writes its progress to the state dir."""
+
+    def __init__(self, grid: Grid, study: StudySpec, out_dir: Path, timeout: float, poll: float, expected: int):
+        self.grid, self.study, self.out_dir = grid, study, out_dir
+        self.timeout, self.poll, self.expected = timeout, poll, expected
+        self.state = StudyState(study.id, study.policy_hash())
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- transport ----------------------------------------------------------------
+    def wait_for_silos(self) -> list[int]:
+        """Wait (bounded) until the expected silos are connected; go on with the minimum."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= self.expected or (time.monotonic() > deadline and len(nodes) >= self.study.min_silos):
+                return nodes
+            if time.monotonic() > deadline:
+                raise PolicyError(f"only {len(nodes)} silos connected, the study needs {self.study.min_silos}")
+            time.sleep(self.poll)
+
+    def exchange(self, nodes: list[int], message_type: str, round_no: int, arrays: dict[str, np.ndarray]) -> tuple[list[SiloAnswer], list[int]]:
+        """Send one request per silo (fresh nonce each), collect what answers in time."""
+        requests, msgs = {}, []
+        payload = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        for node in nodes:
+            req = m.Request(study_id=self.study.id, policy_hash=self.state.policy_hash, round=round_no, nonce=m.new_nonce())
+            content = RecordDict({m.HEADER: ConfigRecord(req.model_dump()), m.ARRAYS: payload})
+            msgs.append(Message(content, node, message_type, group_id=str(round_no)))
+            requests[node] = req
+        ids = dict(zip(self.grid.push_messages(msgs), nodes))
+        pending, answers = set(ids), []
+        deadline = time.monotonic() + self.timeout
+        while pending and time.monotonic() < deadline:
+            for rep in self.grid.pull_messages(list(pending)):
+                msg_id = rep.metadata.reply_to_message_id
+                pending.discard(msg_id)
+                answer = self._decode(ids[msg_id], rep, requests[ids[msg_id]])
+                if answer is not None:
+                    answers.append(answer)
+            if pending:
+                time.sleep(self.poll)
+        dropped = [ids[i] for i in pending]
+        return answers, dropped
+
+    def _decode(self, node: int, rep: Message, req: m.Request) -> SiloAnswer | None:
+        if rep.has_error():
+            return None
+        try:
+            reply = m.Reply.model_validate(dict(rep.content.config_records[m.HEADER]))
+            m.check_reply(reply, req)
+        except (KeyError, ValueError):
+            return None
+        arrays = {k: v.numpy() for k, v in rep.content.array_records.get(m.ARRAYS, ArrayRecord()).items()}
+        return SiloAnswer(node, reply, arrays)
+
+    # ---- phases -----------------------------------------------------------------------
+    def _ok(self, answers: list[SiloAnswer], needed: str) -> list[SiloAnswer]:
+        return [a for a in answers if a.reply.status == "ok" and needed in a.arrays]
+
+    def _require_quorum(self, ok: list[SiloAnswer], what: str) -> None:
+        if len(ok) < self.study.min_silos:
+            raise PolicyError(f"{what}: {len(ok)} silos contributed, the study needs {self.study.min_silos}; study stopped")
+
+    def stats_round(self, nodes: list[int]) -> None:
+        answers, _ = self.exchange(nodes, m.STATS, 0, {})
+        ok = self._ok(answers, m.MOMENTS)
+        self._require_quorum(ok, "statistics round")
+        self.state.add_stats([a.arrays[m.MOMENTS] for a in ok])
+
+    def train_round(self, nodes: list[int], round_no: int) -> None:
+        t0 = time.monotonic()
+        answers, dropped = self.exchange(nodes, m.TRAIN, round_no, m.history_arrays(self.state.stats_sum, self.state.aggregates))
+        ok = self._ok(answers, m.UPDATE)
+        record = RoundRecord(
+            round=round_no,
+            asked=[str(n) for n in nodes],
+            replied=[a.reply.silo for a in ok],
+            refused={a.reply.silo: a.reply.reason for a in answers if a.reply.status != "ok"}
+            | {str(n): "no reply in time" for n in dropped},
+        )
+        self.state.rounds.append(record)
+        self._require_quorum(ok, f"round {round_no}")
+        self.state.add_round([a.arrays[m.UPDATE] for a in ok])
+        evals = [a.arrays[m.EVAL] for a in ok if m.EVAL in a.arrays]
+        record.pooled = metrics_from_counts(np.sum(evals, axis=0)) if evals else None
+        record.per_silo = {a.reply.silo: a.reply.report_dict() for a in ok}
+        record.seconds = time.monotonic() - t0
+
+    def final_round(self, nodes: list[int]) -> None:
+        answers, _ = self.exchange(nodes, m.EVALUATE, len(self.state.aggregates), m.history_arrays(self.state.stats_sum, self.state.aggregates))
+        ok = self._ok(answers, m.EVAL)
+        self._require_quorum(ok, "final evaluation")
+        self.state.final = final_evaluation({a.reply.silo: a.arrays[m.EVAL] for a in ok}, {a.reply.silo: a.reply.report_dict() for a in ok})
+
+    # ---- the study ----------------------------------------------------------------------
+    def write(self, status: str, reason: str = "") -> None:
+        summary = self.state.summary() | {"status": status, "reason": reason, "planned_rounds": self.study.training.rounds}
+        tmp = self.out_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2, default=float))
+        os.replace(tmp, self.out_dir / "summary.json")
+
+    def run(self) -> None:
+        try:
+            self.write("waiting for silos")
+            nodes = self.wait_for_silos()
+            self.write("statistics round")
+            self.stats_round(nodes)
+            for r in range(1, self.study.training.rounds + 1):
+                self.write(f"round {r} running")
+                self.train_round(nodes, r)
+            self.write("final evaluation")
+            self.final_round(nodes)
+            self.write("completed")
+        except PolicyError as exc:
+            self.write("stopped", str(exc))
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = context.run_config
+    study = load_study(str(cfg["study-path"]))
+    runner = StudyRunner(
+        grid, study, Path(str(cfg["state-dir"])) / "coordinator",
+        timeout=float(cfg.get("reply-timeout", 600.0)), poll=float(cfg.get("poll-interval", 0.25)),
+        expected=int(cfg.get("expected-silos", study.min_silos)),
+    )
+    runner.run()
