@@ -120,15 +120,13 @@ class LocalFederation:
         self._wait_port(self.port, proc)
         return proc
 
-    def start_silo(self, silo: SiloSpec) -> Process:
+    def start_silo(self, silo: SiloSpec, node_poll: float = 0.25) -> Process:
+        """Start a silo exactly as silo IT would: `silo-node start` (service + SuperNode)."""
         silo.state_dir.mkdir(parents=True, exist_ok=True)
-        node_config = (
-            f'silo-name="{silo.name}" cohort-path="{silo.cohort}" '
-            f'study-path="{silo.study}" state-dir="{silo.state_dir}"'
-        )
         return self._spawn(f"silo-{silo.name}", [
-            _tool("flower-supernode"), "--insecure", "--superlink", self.address,
-            "--port", str(free_port()), "--node-config", node_config,
+            _tool("silo-node"), "start", "--study", str(silo.study), "--cohort", str(silo.cohort),
+            "--state-dir", str(silo.state_dir), "--superlink", self.address, "--name", silo.name,
+            "--node-port", str(free_port()), "--node-poll", str(node_poll), "--insecure-local-demo",
         ])
 
     def submit(self, run_config: dict[str, object]) -> str:

@@ -37,8 +37,9 @@ class SiloAnswer:
 class StudyRunner:
     """Drives one study over a Flower grid and writes its progress to the state dir."""
 
-    def __init__(self, grid: Grid, study: StudySpec, out_dir: Path, timeout: float, poll: float, expected: int):
-        self.grid, self.study, self.out_dir = grid, study, out_dir
+    def __init__(self, grid: Grid, study: StudySpec, out_dir: Path, timeout: float, poll: float, expected: int,
+                 transport: str = "push-pull"):
+        self.grid, self.study, self.out_dir, self.transport = grid, study, out_dir, transport
         self.timeout, self.poll, self.expected = timeout, poll, expected
         self.state = StudyState(study.id, study.policy_hash())
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -64,6 +65,11 @@ class StudyRunner:
             content = RecordDict({m.HEADER: ConfigRecord(req.model_dump()), m.ARRAYS: payload})
             msgs.append(Message(content, node, message_type, group_id=str(round_no)))
             requests[node] = req
+        if self.transport == "send-and-receive":  # Flower's stock path (3-second ticks), for comparison
+            replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
+            got = {rep.metadata.src_node_id for rep in replies}
+            answers = [a for rep in replies if (a := self._decode(rep.metadata.src_node_id, rep, requests[rep.metadata.src_node_id]))]
+            return answers, [n for n in nodes if n not in got]
         ids = dict(zip(self.grid.push_messages(msgs), nodes))
         pending, answers = set(ids), []
         deadline = time.monotonic() + self.timeout
@@ -76,8 +82,7 @@ class StudyRunner:
                     answers.append(answer)
             if pending:
                 time.sleep(self.poll)
-        dropped = [ids[i] for i in pending]
-        return answers, dropped
+        return answers, [ids[i] for i in pending]
 
     def _decode(self, node: int, rep: Message, req: m.Request) -> SiloAnswer | None:
         if rep.has_error():
@@ -160,5 +165,6 @@ def main(grid: Grid, context: Context) -> None:
         grid, study, Path(str(cfg["state-dir"])) / "coordinator",
         timeout=float(cfg.get("reply-timeout", 600.0)), poll=float(cfg.get("poll-interval", 0.25)),
         expected=int(cfg.get("expected-silos", study.min_silos)),
+        transport=str(cfg.get("transport", "push-pull")),
     )
     runner.run()

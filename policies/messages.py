@@ -65,6 +65,14 @@ class Reply(BaseModel):
         return json.loads(self.report)
 
 
+def refusal(req: Request, silo: str, reason: str) -> Reply:
+    """A reply that declines the request and says why (never with a row or a value)."""
+    return Reply(
+        study_id=req.study_id, policy_hash=req.policy_hash, round=req.round, nonce=req.nonce,
+        silo=silo, status="refused", reason=reason,
+    )
+
+
 def check_request(req: Request, study_id: str, policy_hash: str) -> None:
     """A silo refuses a request for another protocol, study or policy version."""
     if req.protocol_version != PROTOCOL_VERSION:

@@ -1,8 +1,8 @@
-"""The Flower ClientApp: decode a request, let the silo's worker answer, encode the reply.
+"""The Flower ClientApp: a thin relay to the silo's own service.
 
-Each silo finds its own cohort, study policy and name in `context.node_config`
-(`flower-supernode --node-config 'silo-name="x" cohort-path="..." study-path="..."'`).
-Errors become refusals with a reason (no row or value is ever put in a reason).
+It imports only Flower, numpy and the message contract, so the process Flower starts
+per message is cheap; the silo's service (see service.py) does the work. The silo
+finds its service through `context.node_config["state-dir"]`.
 """
 
 from __future__ import annotations
@@ -13,67 +13,38 @@ from flwr.clientapp import ClientApp
 
 from policies import messages as m
 from policies.errors import PolicyError
-from policies.study import load_study
-from silo_node.worker import Silo, refusal
+from silo_node.service import call
 
 app = ClientApp()
 
 
-def _silo(context: Context) -> Silo:
-    cfg = context.node_config
-    return Silo.from_cohort(str(cfg["silo-name"]), load_study(str(cfg["study-path"])), str(cfg["cohort-path"]))
-
-
-def _decode(msg: Message) -> tuple[m.Request, dict[str, np.ndarray]]:
-    header = m.Request.model_validate(dict(msg.content.config_records[m.HEADER]))
+def _relay(msg: Message, context: Context, kind: str) -> Message:
+    header = dict(msg.content.config_records[m.HEADER])
     record = msg.content.array_records.get(m.ARRAYS, ArrayRecord())
-    return header, {k: v.numpy() for k, v in record.items()}
-
-
-def _encode(msg: Message, reply: m.Reply, arrays: dict[str, np.ndarray]) -> Message:
+    arrays = {k: v.numpy() for k, v in record.items()}
+    try:
+        reply, out = call(str(context.node_config["state-dir"]), kind, header, arrays)
+    except (PolicyError, OSError, KeyError) as exc:
+        req = m.Request.model_validate(header)
+        reply = m.refusal(req, str(context.node_config.get("silo-name", "unknown")), str(exc)).model_dump()
+        out = {}
     content = RecordDict({
-        m.HEADER: ConfigRecord(reply.model_dump()),
-        m.ARRAYS: ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float64)) for k, v in arrays.items()}),
+        m.HEADER: ConfigRecord(reply),
+        m.ARRAYS: ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float64)) for k, v in out.items()}),
     })
     return Message(content, reply_to=msg)
 
 
-def _handle(msg: Message, context: Context, work) -> Message:
-    req, arrays = _decode(msg)
-    name = str(context.node_config.get("silo-name", "unknown"))
-    try:
-        silo = _silo(context)
-        silo.check(req)
-        reply_arrays, counts = work(silo, req, arrays)
-        return _encode(msg, silo.reply(req, counts), reply_arrays)
-    except PolicyError as exc:
-        return _encode(msg, refusal(req, name, str(exc)), {})
-
-
-def _stats(silo: Silo, req: m.Request, arrays: dict) -> tuple[dict, None]:
-    return {m.MOMENTS: silo.stats_contribution()}, None
-
-
-def _train(silo: Silo, req: m.Request, arrays: dict) -> tuple[dict, np.ndarray]:
-    update, counts = silo.train(req.round, arrays.get(m.STATS_SUM), m.aggregates_from_arrays(arrays))
-    return {m.UPDATE: update, m.EVAL: counts}, counts
-
-
-def _evaluate(silo: Silo, req: m.Request, arrays: dict) -> tuple[dict, np.ndarray]:
-    counts = silo.evaluate(arrays.get(m.STATS_SUM), m.aggregates_from_arrays(arrays))
-    return {m.EVAL: counts}, counts
-
-
 @app.query("stats")
 def stats(msg: Message, context: Context) -> Message:
-    return _handle(msg, context, _stats)
+    return _relay(msg, context, m.STATS)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return _handle(msg, context, _train)
+    return _relay(msg, context, m.TRAIN)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    return _handle(msg, context, _evaluate)
+    return _relay(msg, context, m.EVALUATE)

@@ -95,9 +95,3 @@ class Silo:
     def check(self, req: Request) -> None:
         check_request(req, self.study.id, self.study.policy_hash())
 
-
-def refusal(req: Request, silo: str, reason: str) -> Reply:
-    return Reply(
-        study_id=req.study_id, policy_hash=req.policy_hash, round=req.round, nonce=req.nonce,
-        silo=silo, status="refused", reason=reason,
-    )

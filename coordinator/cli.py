@@ -1,0 +1,151 @@
+"""`coordinator`: run studies and the demo.
+
+  coordinator demo [--state-dir DIR] [--json PATH] [--rounds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from policies.errors import PolicyError
+from policies.study import load_study, shipped_study
+from policies.validation import validate_cohort
+from coordinator.demo import run_local_study, sample_cohorts
+
+# FLamby Fed-Heart-Disease published means over the 4 hospitals (see ../shared/BENCHMARKS.md)
+FLAMBY = {"FedAvg (FLamby)": 0.6850, "FedYogi (FLamby, best federated)": 0.7314, "pooled training (FLamby)": 0.7353}
+
+
+def _study_file(args: argparse.Namespace, state_dir: Path) -> Path:
+    """The shipped study, or a copy with fewer rounds (a new policy version, so a new hash)."""
+    path = Path(args.study) if args.study else shipped_study()
+    study = load_study(path)
+    if args.rounds is None or args.rounds == study.training.rounds:
+        return path
+    data = study.model_dump(mode="json")
+    data["training"]["rounds"] = args.rounds
+    data["approval"]["auto_rounds"] = max(args.rounds, data["approval"]["auto_rounds"])
+    out = state_dir / "study.yaml"
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    load_study(out)
+    return out
+
+
+def _fmt(x: object) -> str:
+    return f"{x:.3f}" if isinstance(x, float) else ("suppressed" if x is None else str(x))
+
+
+def print_results(console: Console, summary: dict) -> None:
+    final = summary.get("final") or {}
+    table = Table(title=f"Study {summary.get('study_id')} — {summary.get('rounds')} rounds, final model on each hospital's test set")
+    for col in ("hospital", "test rows", "accuracy", "sensitivity", "specificity"):
+        table.add_column(col, justify="right" if col != "hospital" else "left")
+    for silo, rep in sorted((final.get("per_silo") or {}).items()):
+        table.add_row(silo, _fmt(rep.get("n")), _fmt(rep.get("accuracy")), _fmt(rep.get("sensitivity")), _fmt(rep.get("specificity")))
+    pooled = final.get("pooled") or {}
+    table.add_row("[bold]pooled test set[/]", _fmt(int(pooled.get("n", 0))), _fmt(pooled.get("accuracy")),
+                  _fmt(pooled.get("sensitivity")), _fmt(pooled.get("specificity")))
+    table.add_row("[bold]4-hospital mean[/]", "", _fmt(final.get("mean_center_accuracy")), "", "")
+    console.print(table)
+    ref = Table(title="Published reference (FLamby Fed-Heart-Disease, mean accuracy over 4 hospitals)")
+    ref.add_column("method")
+    ref.add_column("mean accuracy", justify="right")
+    for name, value in FLAMBY.items():
+        ref.add_row(name, f"{value:.4f}")
+    ref.add_row("[bold]this run[/]", _fmt(final.get("mean_center_accuracy")))
+    console.print(ref)
+    console.print("Cells below the study's small-cell minimum are suppressed at the silo and shown as 'suppressed' or '<k'.")
+
+
+def demo_json(summary: dict) -> dict:
+    final = summary.get("final") or {}
+    return {
+        "status": summary.get("status"),
+        "reason": summary.get("reason", ""),
+        "study_id": summary.get("study_id"),
+        "policy_hash": summary.get("policy_hash"),
+        "mean_center_accuracy": final.get("mean_center_accuracy"),
+        "center_accuracy": final.get("center_accuracy"),
+        "pooled_test_accuracy": final.get("pooled_test_accuracy"),
+        "pooled": final.get("pooled"),
+        "per_silo": final.get("per_silo"),
+        "rounds": summary.get("rounds"),
+        "history": summary.get("history"),
+        "wall_seconds": summary.get("wall_seconds"),
+        "flower_run_id": summary.get("flower_run_id"),
+    }
+
+
+def _demo(args: argparse.Namespace) -> int:
+    console = Console()
+    state_dir = Path(args.state_dir).resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    study_path = _study_file(args, state_dir)
+    study = load_study(study_path)
+    cohorts = sample_cohorts()
+    console.print(f"[bold]fedcohort demo[/]: study [cyan]{study.id}[/] (policy {study.policy_hash()[:12]}), "
+                  f"{study.training.strategy}, {study.training.rounds} rounds, 4 silos on 127.0.0.1; state in {state_dir}")
+    for name, path in cohorts.items():
+        report = validate_cohort(path, study)
+        warn = sum(1 for r in report.results if not r.passed and r.severity == "warning")
+        console.print(f"  silo {name:12s} cohort {report.rows} rows: {'valid' if report.ok else 'BLOCKED'}, {warn} warning rule(s)")
+        if not report.ok:
+            raise PolicyError(f"{path}: sample cohort fails validation:\n{report.render()}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
+        task = progress.add_task("starting SuperLink and silos", total=study.training.rounds)
+
+        def on_progress(summary: dict) -> None:
+            hist = summary.get("history") or []
+            desc = summary.get("status", "")
+            if hist and hist[-1].get("pooled_entering_model"):
+                desc += f" | pooled acc of model r{len(hist) - 1}: {hist[-1]['pooled_entering_model']['accuracy']:.3f}"
+            progress.update(task, completed=summary.get("rounds", 0), description=desc)
+
+        summary = run_local_study(study_path, state_dir, cohorts, on_progress=on_progress, timeout=args.timeout)
+    out = demo_json(summary)
+    (state_dir / "coordinator").mkdir(parents=True, exist_ok=True)
+    (state_dir / "coordinator" / "demo_summary.json").write_text(json.dumps(out, indent=2))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    if summary.get("status") != "completed":
+        console.print(f"[red]study did not complete[/]: {summary.get('reason')}")
+        return 1
+    print_results(console, summary)
+    console.print(f"wall time {summary['wall_seconds']:.1f} s; all processes stopped. Summary: {state_dir / 'coordinator' / 'demo_summary.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coordinator", description="fedcohort coordinator")
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="run the heart study on the 4 sample hospitals on this machine")
+    d.add_argument("--state-dir", default=".fedcohort", help="where coordinator and silo state go (default .fedcohort)")
+    d.add_argument("--json", help="also write the summary as JSON here")
+    d.add_argument("--study", help="study policy YAML (default: the shipped heart study)")
+    d.add_argument("--rounds", type=int, help="override the number of rounds (makes a new policy version)")
+    d.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds")
+    d.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PolicyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""`silo-node`: what silo IT runs at the hospital.
+
+  silo-node validate --study STUDY.yaml --cohort FILE.parquet
+  silo-node start --study STUDY.yaml --cohort FILE.parquet --state-dir DIR --superlink HOST:PORT --name NAME
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from policies.errors import PolicyError
+from policies.study import load_study
+from policies.validation import validate_cohort
+
+
+def _validate(args: argparse.Namespace) -> int:
+    study = load_study(args.study)
+    report = validate_cohort(args.cohort, study)
+    if args.json:
+        print(json.dumps(report.counts_only_dict(), indent=2))
+    else:
+        print(report.render())
+    return 0 if report.ok else 1
+
+
+def _start(args: argparse.Namespace) -> int:
+    """Validate, load the cohort into the resident service, then join via a SuperNode."""
+    from silo_node.service import serve
+    from silo_node.worker import Silo
+
+    study = load_study(args.study)
+    report = validate_cohort(args.cohort, study)
+    if not report.ok:
+        print(report.render(), file=sys.stderr)
+        print(f"{args.cohort}: cohort fails the study's error rules; not joining", file=sys.stderr)
+        return 1
+    state_dir = Path(args.state_dir).resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    silo = Silo.from_cohort(args.name, study, args.cohort)
+    node_config = (
+        f'silo-name="{args.name}" cohort-path="{Path(args.cohort).resolve()}" '
+        f'study-path="{Path(args.study).resolve()}" state-dir="{state_dir}"'
+    )
+    bin_dir = Path(sys.executable).parent
+    cmd = [sys.executable, "-m", "silo_node.supernode_launcher", "--superlink", args.superlink, "--port", str(args.node_port),
+           "--node-config", node_config]
+    cmd += ["--insecure"] if args.insecure_local_demo else ["--root-certificates", str(args.root_certificates)]
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+               FEDCOHORT_NODE_POLL=str(args.node_poll), FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(min(args.node_poll, 1.0)),
+               PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    node = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def _stop(*_: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    print(f"silo '{args.name}' serving study {study.id} ({study.policy_hash()[:12]}); SuperNode pid {node.pid}", flush=True)
+    try:
+        serve(state_dir, silo, stop=lambda: node.poll() is not None)
+    finally:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGTERM)
+            try:
+                node.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, signal.SIGKILL)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="silo-node", description="fedcohort silo node (runs at the hospital)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("validate", help="check a Parquet cohort against the study schema (counts only)")
+    v.add_argument("--study", required=True, help="study policy YAML")
+    v.add_argument("--cohort", required=True, help="local cohort, Parquet")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+    v.set_defaults(func=_validate)
+    s = sub.add_parser("start", help="validate, then serve the study through a Flower SuperNode")
+    s.add_argument("--study", required=True)
+    s.add_argument("--cohort", required=True)
+    s.add_argument("--state-dir", required=True)
+    s.add_argument("--superlink", required=True, help="HOST:PORT of the coordinator's SuperLink")
+    s.add_argument("--name", required=True, help="this silo's name in the study")
+    s.add_argument("--node-port", type=int, default=9094, help="local port of the SuperNode (distinct per node)")
+    s.add_argument("--node-poll", type=float, default=0.25,
+                   help="seconds between the SuperNode's polls when idle (3 = Flower's stock behaviour)")
+    s.add_argument("--root-certificates", help="CA certificate of the coordinator (TLS)")
+    s.add_argument("--insecure-local-demo", action="store_true", help="no TLS: only for the local demo on 127.0.0.1")
+    s.set_defaults(func=_start)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "start" and not args.insecure_local_demo and not args.root_certificates:
+            raise PolicyError("start needs --root-certificates (TLS) or, for a local demo only, --insecure-local-demo")
+        return args.func(args)
+    except PolicyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""The silo's resident service: the process that holds the cohort and does the work.
+
+Flower starts a fresh ClientApp process for every message; loading torch, pandas and
+the cohort there costs seconds per round. The silo instead runs one long-lived service
+(started by `silo-node start`) and the ClientApp only relays each request to it over a
+Unix socket in the silo's state directory, authenticated with a per-silo key file
+(mode 0600). Work, refusals and (later) keys and the privacy ledger stay in a process
+the silo owns.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from multiprocessing.connection import Client, Listener
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from policies import messages as m
+from policies.errors import PolicyError
+
+SOCKET_NAME = "silo.sock"
+KEY_NAME = "silo.key"
+
+Payload = tuple[dict, dict[str, np.ndarray]]
+
+
+def socket_path(state_dir: Path) -> Path:
+    return Path(state_dir) / SOCKET_NAME
+
+
+def _authkey(state_dir: Path, create: bool) -> bytes:
+    path = Path(state_dir) / KEY_NAME
+    if create:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+    return path.read_text().strip().encode()
+
+
+def handle(silo, kind: str, header: dict, arrays: dict[str, np.ndarray]) -> Payload:
+    """Answer one request; every PolicyError becomes a refusal that names its reason."""
+    req = m.Request.model_validate(header)
+    try:
+        silo.check(req)
+        out, counts = _WORK[kind](silo, req, arrays)
+        return silo.reply(req, counts).model_dump(), out
+    except PolicyError as exc:
+        return m.refusal(req, silo.name, str(exc)).model_dump(), {}
+
+
+def _stats(silo, req: m.Request, arrays: dict) -> tuple[dict, None]:
+    return {m.MOMENTS: silo.stats_contribution()}, None
+
+
+def _train(silo, req: m.Request, arrays: dict) -> tuple[dict, np.ndarray]:
+    update, counts = silo.train(req.round, arrays.get(m.STATS_SUM), m.aggregates_from_arrays(arrays))
+    return {m.UPDATE: update, m.EVAL: counts}, counts
+
+
+def _evaluate(silo, req: m.Request, arrays: dict) -> tuple[dict, np.ndarray]:
+    counts = silo.evaluate(arrays.get(m.STATS_SUM), m.aggregates_from_arrays(arrays))
+    return {m.EVAL: counts}, counts
+
+
+_WORK: dict[str, Callable] = {m.STATS: _stats, m.TRAIN: _train, m.EVALUATE: _evaluate}
+
+
+def serve(state_dir: Path, silo, stop: Callable[[], bool] = lambda: False) -> None:
+    """Serve relayed requests one at a time until `stop()` is true."""
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = socket_path(state_dir)
+    if path.exists():
+        path.unlink()
+    with Listener(str(path), family="AF_UNIX", authkey=_authkey(state_dir, create=True)) as listener:
+        os.chmod(path, 0o600)
+        while not stop():
+            try:
+                conn = listener.accept()
+            except (OSError, EOFError):
+                continue
+            with conn:
+                try:
+                    kind, header, arrays = conn.recv()
+                    conn.send(handle(silo, kind, header, arrays))
+                except (EOFError, OSError):
+                    continue
+                except Exception as exc:  # the service must outlive one bad request
+                    conn.send(({"error": f"{type(exc).__name__} in silo service"}, {}))
+
+
+def call(state_dir: Path, kind: str, header: dict, arrays: dict[str, np.ndarray]) -> Payload:
+    """Relay one request to the silo's service (used by the ClientApp)."""
+    path = socket_path(Path(state_dir))
+    if not path.exists():
+        raise PolicyError(f"silo service is not running (no socket at {path}); start it with `silo-node start`")
+    with Client(str(path), family="AF_UNIX", authkey=_authkey(Path(state_dir), create=False)) as conn:
+        conn.send((kind, header, arrays))
+        return conn.recv()
