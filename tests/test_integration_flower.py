@@ -1,0 +1,82 @@
+"""A real study over a real Flower SuperLink and four SuperNodes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from coordinator.demo import sample_cohorts
+from coordinator.rounds import StudyState, final_evaluation
+from policies.study import load_study, shipped_study
+from silo_node.worker import Silo
+
+pytestmark = pytest.mark.slow
+ROUNDS = 2
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """`coordinator demo --rounds 2` exactly as a user runs it, with its JSON summary."""
+    state = tmp_path_factory.mktemp("state")
+    out = state / "summary.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "coordinator.cli", "demo", "--state-dir", str(state), "--json", str(out),
+         "--rounds", str(ROUNDS), "--timeout", "400"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return state, json.loads(out.read_text()), proc.stdout
+
+
+def _in_process(study_path) -> dict:
+    study = load_study(study_path)
+    silos = [Silo.from_cohort(name, study, path) for name, path in sample_cohorts().items()]
+    state = StudyState(study.id, study.policy_hash())
+    state.add_stats([s.stats_contribution() for s in silos])
+    for r in range(1, study.training.rounds + 1):
+        state.add_round([s.train(r, state.stats_sum, state.aggregates)[0] for s in silos])
+    counts = {s.name: s.evaluate(state.stats_sum, state.aggregates) for s in silos}
+    return final_evaluation(counts, {})
+
+
+def test_demo_completes_and_reports(demo_run):
+    state, summary, stdout = demo_run
+    assert summary["status"] == "completed"
+    assert summary["rounds"] == ROUNDS
+    assert set(summary["center_accuracy"]) == {"cleveland", "hungary", "switzerland", "va"}
+    assert all(0.0 <= a <= 1.0 for a in summary["center_accuracy"].values())
+    assert 0.5 < summary["pooled_test_accuracy"] <= 1.0
+    assert summary["mean_center_accuracy"] == pytest.approx(np.mean(list(summary["center_accuracy"].values())))
+    assert summary["wall_seconds"] > 0
+    for rnd in summary["history"]:
+        assert sorted(rnd["replied"]) == ["cleveland", "hungary", "switzerland", "va"]
+        assert rnd["refused"] == {}
+    assert "4-hospital mean" in stdout and "FedYogi (FLamby" in stdout
+
+
+def test_flower_run_matches_in_process_run(demo_run):
+    """The transport changes nothing: same pooled metrics to 1e-6 as the in-process path."""
+    state, summary, _ = demo_run
+    expected = _in_process(state / "study.yaml")
+    assert summary["pooled"]["loss"] == pytest.approx(expected["pooled"]["loss"], abs=1e-6)
+    assert summary["pooled"]["accuracy"] == pytest.approx(expected["pooled"]["accuracy"], abs=1e-6)
+    assert summary["pooled"]["auroc"] == pytest.approx(expected["pooled"]["auroc"], abs=1e-6)
+
+
+def test_no_process_left_behind(demo_run):
+    state, summary, _ = demo_run
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(state) not in out, "a process started by the demo is still running"
+
+
+def test_small_cells_suppressed_in_summary(demo_run):
+    """Switzerland's test set has one negative: its specificity cells never leave the silo."""
+    _, summary, _ = demo_run
+    swiss = summary["per_silo"]["switzerland"]
+    assert swiss["specificity"] is None
+    assert isinstance(swiss["tn"], str) or isinstance(swiss["fp"], str)
