@@ -43,6 +43,7 @@ def _start(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     silo = Silo.from_cohort(args.name, study, args.cohort)
+    silo.warm_up()
     node_config = (
         f'silo-name="{args.name}" cohort-path="{Path(args.cohort).resolve()}" '
         f'study-path="{Path(args.study).resolve()}" state-dir="{state_dir}"'

@@ -33,6 +33,12 @@ class Silo:
     def from_cohort(cls, name: str, study: StudySpec, cohort: str | Path) -> "Silo":
         return cls(name=name, study=study, design=build_design(read_cohort(cohort), study))
 
+    def warm_up(self) -> None:
+        """Load the heavy libraries once, in the resident service, not per round."""
+        import tenseal  # noqa: F401  (CKKS, used for encrypted studies)
+
+        init_weights(self.study, self.design.x.shape[1])
+
     # ---- round 0 ---------------------------------------------------------------
     def stats_contribution(self) -> np.ndarray:
         """Training-split moments for pooled normalisation (count, sums, sums of squares)."""
