@@ -63,7 +63,7 @@ def local_train(weights: np.ndarray, x: np.ndarray, y: np.ndarray, study: StudyS
 def predict_scores(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
     d = x.shape[1]
     logits = x @ weights[:d] + weights[d]
-    return 1.0 / (1.0 + np.exp(-logits))
+    return 0.5 * (1.0 + np.tanh(0.5 * logits))  # sigmoid without exp overflow
 
 
 def evaluate(weights: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -1,0 +1,91 @@
+"""Shared helpers for the benchmarks: study variants and an in-process federation.
+
+Benchmarks must measure the code a hospital runs, so everything here only wires the
+project's own `Silo` (silo_node.worker) and `StudyState` (coordinator.rounds) together,
+exactly as the Flower apps do, minus the transport. Nothing here trains or aggregates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from coordinator.rounds import StudyState
+from policies.metrics import metrics_from_counts
+from policies.study import StudySpec, load_study, shipped_study
+from policies.update import sum_vectors
+from silo_node.cohort import read_cohort
+from silo_node.features import Design, build_design
+from silo_node.worker import Silo
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_DATA = ROOT / "sample_data"
+HOSPITALS: tuple[str, ...] = ("cleveland", "hungary", "switzerland", "va")
+FLAMBY_SEEDS: tuple[int, ...] = (42, 43, 44, 45, 46)
+
+Normalisation = Literal["pooled", "local", "none"]
+
+
+def base_study() -> StudySpec:
+    """The shipped heart-disease study, validated once; variants are copies of it."""
+    return load_study(shipped_study("heart_disease"))
+
+
+def study_variant(
+    base: StudySpec, *, seed: int, normalisation: Normalisation | None = None,
+    min_silos: int | None = None, **training: Any,
+) -> StudySpec:
+    """Copy of `base` with a seed, optional normalisation/min_silos and training overrides.
+
+    `model_copy(update=...)` skips validation on these frozen models; that is acceptable
+    for a benchmark, and `policy_hash()` of the copy still identifies the variant.
+    """
+    update: dict[str, Any] = {"seed": seed, "training": base.training.model_copy(update=training)}
+    if normalisation is not None:
+        update["features"] = base.features.model_copy(update={"normalisation": normalisation})
+    if min_silos is not None:
+        update["min_silos"] = min_silos
+    return base.model_copy(update=update)
+
+
+def load_designs(study: StudySpec, names: tuple[str, ...] = HOSPITALS) -> dict[str, Design]:
+    """Each hospital's design (features, labels, FLamby split), built once.
+
+    The design depends only on the feature pipeline and split, not on seed, training or
+    normalisation, so the benchmark reads each Parquet file once and reuses it per run.
+    """
+    return {n: build_design(read_cohort(SAMPLE_DATA / f"{n}.parquet"), study) for n in names}
+
+
+def pooled_design(designs: dict[str, Design]) -> Design:
+    """All hospitals' rows as one design: union of train rows, union of test rows."""
+    xs, ys, train, test, offset = [], [], [], [], 0
+    for d in designs.values():
+        xs.append(d.x)
+        ys.append(d.y)
+        train.append(d.train_idx + offset)
+        test.append(d.test_idx + offset)
+        offset += len(d.y)
+    return Design(x=np.concatenate(xs), y=np.concatenate(ys),
+                  train_idx=np.concatenate(train), test_idx=np.concatenate(test))
+
+
+def silos_for(study: StudySpec, designs: dict[str, Design]) -> list[Silo]:
+    return [Silo(name=n, study=study, design=d) for n, d in designs.items()]
+
+
+def federate(study: StudySpec, silos: list[Silo]) -> StudyState:
+    """Statistics round, then `rounds` training rounds: the coordinator only sums."""
+    st = StudyState(study.id, study.policy_hash())
+    st.add_stats([s.stats_contribution() for s in silos])
+    for r in range(1, study.training.rounds + 1):
+        st.add_round([s.train(r, st.stats_sum, st.aggregates)[0] for s in silos])
+    return st
+
+
+def accuracies(per_silo_counts: dict[str, np.ndarray]) -> tuple[dict[str, float], dict[str, float]]:
+    """(accuracy per hospital, metrics of the pooled test set) from evaluation counts."""
+    centre = {n: metrics_from_counts(c)["accuracy"] for n, c in per_silo_counts.items()}
+    return centre, metrics_from_counts(sum_vectors(list(per_silo_counts.values())))
