@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from policies.audit import AUDIT_FILE, describe, open_party_log, verify_bundle
 from policies.errors import PolicyError
 from policies.study import load_study, shipped_study
 from policies.validation import validate_cohort
@@ -125,6 +126,28 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_export(args: argparse.Namespace) -> int:
+    """Export the coordinator's log (and, for a local demo, each local silo's) as bundles."""
+    state_dir = Path(args.state_dir).resolve()
+    out = Path(args.out or state_dir / "exports").resolve()
+    coordinator_dir = state_dir / "coordinator"
+    if not (coordinator_dir / AUDIT_FILE).exists():
+        raise PolicyError(f"{coordinator_dir / AUDIT_FILE}: no coordinator audit log here; run a study first")
+    parties = [(coordinator_dir, "coordinator", "coordinator")]
+    parties += [(d, d.name, "silo") for d in sorted((state_dir / "silos").glob("*")) if (d / AUDIT_FILE).exists()]
+    for party_dir, party, role in parties:
+        bundle = open_party_log(party_dir, party, role).export(out / party, actor=args.user)
+        print(f"{party:12s} -> {bundle}")
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    results = [(p, verify_bundle(p)) for p in args.bundles]
+    for path, result in results:
+        print(describe(result, path))
+    return 0 if all(r.ok for _, r in results) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coordinator", description="fedcohort coordinator")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rounds", type=int, help="override the number of rounds (makes a new policy version)")
     d.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds")
     d.set_defaults(func=_demo)
+    audit = sub.add_parser("audit", help="export or verify tamper-evident audit logs")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    e = audit_sub.add_parser("export", help="export audit bundles (JSONL, CSV, Parquet, manifest, zip)")
+    e.add_argument("--state-dir", default=".fedcohort")
+    e.add_argument("--out", help="directory for the bundles (default STATE/exports)")
+    e.add_argument("--user", default="coordinator-cli", help="who exports (recorded in the log)")
+    e.set_defaults(func=_audit_export)
+    v = audit_sub.add_parser("verify", help="verify exported bundles; names the first broken entry")
+    v.add_argument("bundles", nargs="+", help="bundle zip files or directories")
+    v.set_defaults(func=_audit_verify)
     return parser
 
 

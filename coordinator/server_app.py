@@ -19,6 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.serverapp import Grid, ServerApp
 
 from policies import messages as m
+from policies.audit import open_party_log
 from policies.errors import PolicyError
 from policies.metrics import metrics_from_counts
 from policies.study import StudySpec, load_study
@@ -43,6 +44,7 @@ class StudyRunner:
         self.timeout, self.poll, self.expected = timeout, poll, expected
         self.state = StudyState(study.id, study.policy_hash())
         out_dir.mkdir(parents=True, exist_ok=True)
+        self.audit = open_party_log(out_dir, "coordinator", "coordinator")
 
     # ---- transport ----------------------------------------------------------------
     def wait_for_silos(self) -> list[int]:
@@ -60,8 +62,11 @@ class StudyRunner:
         """Send one request per silo (fresh nonce each), collect what answers in time."""
         requests, msgs = {}, []
         payload = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        seq, head = self.audit.head()
+        sent_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for node in nodes:
-            req = m.Request(study_id=self.study.id, policy_hash=self.state.policy_hash, round=round_no, nonce=m.new_nonce())
+            req = m.Request(study_id=self.study.id, policy_hash=self.state.policy_hash, round=round_no,
+                            nonce=m.new_nonce(), sent_at=sent_at, audit_seq=seq, audit_head=head)
             content = RecordDict({m.HEADER: ConfigRecord(req.model_dump()), m.ARRAYS: payload})
             msgs.append(Message(content, node, message_type, group_id=str(round_no)))
             requests[node] = req
@@ -93,6 +98,8 @@ class StudyRunner:
         except (KeyError, ValueError):
             return None
         arrays = {k: v.numpy() for k, v in rep.content.array_records.get(m.ARRAYS, ArrayRecord()).items()}
+        if reply.audit_seq:
+            self.audit.witness(f"silo:{reply.silo}", reply.audit_seq, reply.audit_head)
         return SiloAnswer(node, reply, arrays)
 
     # ---- phases -----------------------------------------------------------------------
@@ -127,6 +134,8 @@ class StudyRunner:
         record.pooled = metrics_from_counts(np.sum(evals, axis=0)) if evals else None
         record.per_silo = {a.reply.silo: a.reply.report_dict() for a in ok}
         record.seconds = time.monotonic() - t0
+        self.audit.append("round.finished", f"{self.study.id}/round-{round_no}",
+                          {"asked": len(nodes), "replied": sorted(record.replied), "refused": record.refused})
 
     def final_round(self, nodes: list[int]) -> None:
         answers, _ = self.exchange(nodes, m.EVALUATE, len(self.state.aggregates), m.history_arrays(self.state.stats_sum, self.state.aggregates))
@@ -142,6 +151,8 @@ class StudyRunner:
         os.replace(tmp, self.out_dir / "summary.json")
 
     def run(self) -> None:
+        self.audit.append("study.started", self.study.id, {"policy_hash": self.state.policy_hash,
+                                                           "rounds": self.study.training.rounds})
         try:
             self.write("waiting for silos")
             nodes = self.wait_for_silos()
@@ -152,8 +163,10 @@ class StudyRunner:
                 self.train_round(nodes, r)
             self.write("final evaluation")
             self.final_round(nodes)
+            self.audit.append("study.completed", self.study.id, {"rounds": len(self.state.aggregates)})
             self.write("completed")
         except PolicyError as exc:
+            self.audit.append("study.stopped", self.study.id, {"reason": str(exc)[:500]})
             self.write("stopped", str(exc))
 
 

@@ -1092,3 +1092,20 @@ def verify_bundle(
         problems += _head_problems(entries, line_count, manifest)
         problems += _copy_problems(files, entries)
     return chain.model_copy(update={"ok": not problems, "problem": "; ".join(problems)})
+
+
+AUDIT_FILE = "audit.jsonl"
+AUDIT_KEY_FILE = Path("keys") / "audit_ed25519.pem"
+
+
+def open_party_log(party_dir: str | Path, party: str, role: str) -> AuditLog:
+    """The one place a party's log and signing key live inside its state directory."""
+    party_dir = Path(party_dir)
+    return AuditLog(party_dir / AUDIT_FILE, PartyKey.load_or_create(party_dir / AUDIT_KEY_FILE), party, role)
+
+
+def describe(result: VerifyResult, source: str) -> str:
+    """One paragraph an auditor can act on, used by every CLI that verifies."""
+    if result.ok:
+        return f"{source}: OK, {result.entries} entries, chain intact, head seq {result.head_seq} {result.head}"
+    return f"{source}: BROKEN: {result.problem} (intact prefix: {result.entries} entries)"

@@ -45,6 +45,9 @@ class Request(BaseModel):
     policy_hash: str
     round: int
     nonce: str
+    sent_at: str = ""  # coordinator's clock, recorded by the silo; freshness comes from the nonce
+    audit_seq: int = 0  # coordinator's audit chain head, witnessed by the silo
+    audit_head: str = ""
 
 
 class Reply(BaseModel):
@@ -60,6 +63,8 @@ class Reply(BaseModel):
     status: Literal["ok", "refused"]
     reason: str = ""
     report: str = "{}"
+    audit_seq: int = 0  # the silo's audit chain head, witnessed by the coordinator
+    audit_head: str = ""
 
     def report_dict(self) -> dict:
         return json.loads(self.report)

@@ -19,7 +19,9 @@ from typing import Callable
 import numpy as np
 
 from policies import messages as m
+from policies.audit import AuditLog, open_party_log
 from policies.errors import PolicyError
+from policies.validation import suppress
 
 SOCKET_NAME = "silo.sock"
 KEY_NAME = "silo.key"
@@ -40,15 +42,25 @@ def _authkey(state_dir: Path, create: bool) -> bytes:
     return path.read_text().strip().encode()
 
 
-def handle(silo, kind: str, header: dict, arrays: dict[str, np.ndarray]) -> Payload:
-    """Answer one request; every PolicyError becomes a refusal that names its reason."""
+def handle(silo, log: AuditLog, kind: str, header: dict, arrays: dict[str, np.ndarray]) -> Payload:
+    """Answer one request; every PolicyError becomes a refusal that names its reason.
+
+    The silo's own audit log records the coordinator's chain head and clock it saw, and
+    what it answered; the reply carries the silo's head for the coordinator to witness.
+    """
     req = m.Request.model_validate(header)
+    if req.audit_seq:
+        log.witness("coordinator", req.audit_seq, req.audit_head)
+    subject = f"{req.study_id}/round-{req.round}"
     try:
         silo.check(req)
         out, counts = _WORK[kind](silo, req, arrays)
-        return silo.reply(req, counts).model_dump(), out
+        reply, action, details = silo.reply(req, counts), f"{kind.split('.')[-1]}.replied", {}
     except PolicyError as exc:
-        return m.refusal(req, silo.name, str(exc)).model_dump(), {}
+        out, reply = {}, m.refusal(req, silo.name, str(exc))
+        action, details = f"{kind.split('.')[-1]}.refused", {"reason": str(exc)[:500]}
+    entry = log.append(action, subject, details | {"nonce": req.nonce, "coordinator_time": req.sent_at})
+    return reply.model_copy(update={"audit_seq": entry.seq, "audit_head": entry.hash}).model_dump(), out
 
 
 def _stats(silo, req: m.Request, arrays: dict) -> tuple[dict, None]:
@@ -75,6 +87,11 @@ def serve(state_dir: Path, silo, stop: Callable[[], bool] = lambda: False) -> No
     path = socket_path(state_dir)
     if path.exists():
         path.unlink()
+    log = open_party_log(state_dir, silo.name, "silo")
+    log.append("silo.started", silo.study.id, {
+        "policy_hash": silo.study.policy_hash(),
+        "train_rows": suppress(len(silo.design.train_idx), silo.study.small_cell_min),
+    })
     with Listener(str(path), family="AF_UNIX", authkey=_authkey(state_dir, create=True)) as listener:
         os.chmod(path, 0o600)
         while not stop():
@@ -85,7 +102,7 @@ def serve(state_dir: Path, silo, stop: Callable[[], bool] = lambda: False) -> No
             with conn:
                 try:
                     kind, header, arrays = conn.recv()
-                    conn.send(handle(silo, kind, header, arrays))
+                    conn.send(handle(silo, log, kind, header, arrays))
                 except (EOFError, OSError):
                     continue
                 except Exception as exc:  # the service must outlive one bad request

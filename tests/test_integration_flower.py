@@ -80,3 +80,33 @@ def test_small_cells_suppressed_in_summary(demo_run):
     swiss = summary["per_silo"]["switzerland"]
     assert swiss["specificity"] is None
     assert isinstance(swiss["tn"], str) or isinstance(swiss["fp"], str)
+
+
+def test_audit_trail_exports_and_verifies(demo_run, tmp_path):
+    """Every party logged the study; exports verify; an edited entry is named by verify."""
+    state, _, _ = demo_run
+    cli = [sys.executable, "-m", "coordinator.cli", "audit"]
+    out = tmp_path / "exports"
+    proc = subprocess.run([*cli, "export", "--state-dir", str(state), "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    bundles = sorted(out.glob("*/*.zip"))
+    assert {b.parent.name for b in bundles} == {"coordinator", "cleveland", "hungary", "switzerland", "va"}
+    proc = subprocess.run([*cli, "verify", *map(str, bundles)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    coordinator_log = (state / "coordinator" / "audit.jsonl").read_text().splitlines()
+    actions = [json.loads(line)["action"] for line in coordinator_log]
+    assert actions.count("round.finished") == ROUNDS and "study.completed" in actions
+    assert actions.count("audit.witnessed") >= 4 * ROUNDS  # each silo's head, every round
+    silo_actions = [json.loads(line)["action"] for line in (state / "silos" / "va" / "audit.jsonl").read_text().splitlines()]
+    assert silo_actions.count("train.replied") == ROUNDS and "audit.witnessed" in silo_actions
+    # tamper with the coordinator's exported JSONL inside a copy of the bundle directory
+    tampered = out / "coordinator"
+    jsonl = tampered / "audit.jsonl"
+    lines = jsonl.read_text().splitlines()
+    entry = json.loads(lines[2])
+    entry["subject"] = "edited"
+    lines[2] = json.dumps(entry, sort_keys=True, separators=(",", ":"))
+    jsonl.write_text("\n".join(lines) + "\n")
+    proc = subprocess.run([*cli, "verify", str(tampered)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "BROKEN" in proc.stdout and "entry 3" in proc.stdout
