@@ -1,0 +1,1 @@
+"""Alembic migrations of the coordinator store; run them through `coordinator.store.migrate`."""
