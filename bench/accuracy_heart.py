@@ -33,7 +33,7 @@ from silo_node.features import Design  # noqa: E402
 from silo_node.worker import Silo  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "accuracy_heart.json"
-DEFAULT_METHOD = "fedyogi_pooled_stats"
+DEFAULT_METHOD = "fedyogi_pooled_stats_dp"  # the shipped study: FedYogi, pooled statistics, DP-SGD
 FLAMBY_CLIENT_LR_FEDAVG = 1e-3
 POOLED_EPOCHS = 50  # FLamby NUM_EPOCHS_POOLED for Fed-Heart-Disease
 
@@ -58,6 +58,7 @@ METHOD_REFERENCE: dict[str, str] = {  # our method -> key of its FLamby counterp
     **{f"local_{h}": f"local_{h}" for h in HOSPITALS},
     "fedavg_flamby": "fedavg",
     "fedyogi_flamby": "fedyogi",
+    "fedavg_flamby_dp": "fedavg_dp_sgd_eps1_delta1e-3",
 }
 
 
@@ -68,6 +69,7 @@ class Method:
     normalisation: Normalisation
     training: dict[str, Any] = field(default_factory=dict)  # overrides of the shipped training
     hospital: str | None = None  # for kind == "local"
+    private: bool = False  # keep the shipped study's DP-SGD budget
 
 
 @dataclass
@@ -87,13 +89,16 @@ def method_list(designs: dict[str, Design], batch_size: int) -> list[Method]:
         Method("fedavg_flamby", "federated", "local", fedavg),
         Method("fedyogi_flamby", "federated", "local", {"strategy": "fedyogi"}),
         Method("fedavg_pooled_stats", "federated", "pooled", fedavg),
-        Method(DEFAULT_METHOD, "federated", "pooled", {}),  # the shipped study as is
+        Method("fedyogi_pooled_stats", "federated", "pooled", {}),  # the shipped study without DP
+        Method("fedavg_flamby_dp", "federated", "local", fedavg, private=True),
+        Method(DEFAULT_METHOD, "federated", "pooled", {}, private=True),  # the shipped study as is
     ]
 
 
 def run_once(method: Method, base: StudySpec, designs: dict[str, Design], seed: int) -> SeedResult:
     if method.kind == "federated":
-        study = study_variant(base, seed=seed, normalisation=method.normalisation, **method.training)
+        study = study_variant(base, seed=seed, normalisation=method.normalisation, private=method.private,
+                              **method.training)
         silos = silos_for(study, designs)
         st = federate(study, silos)
         centre, pooled = accuracies({s.name: s.evaluate(st.stats_sum, st.aggregates) for s in silos})
@@ -138,7 +143,7 @@ def summarise(method: Method, study: StudySpec, seeds: list[int], results: list[
         "pooled_test_sensitivity": _mean([r.pooled["sensitivity"] for r in results]),
         "pooled_test_specificity": _mean([r.pooled["specificity"] for r in results]),
         "encryption": study.encryption,
-        "privacy": study.privacy,
+        "privacy": study.dp.model_dump() if study.dp else "none",
         "strategy": study.training.strategy,
         "normalisation": study.features.normalisation,
         "seeds": seeds,
@@ -183,7 +188,9 @@ def notes(pooled_steps: int, n_train: int, batch: int) -> list[str]:
         "*_pooled_stats: every hospital normalised with the pooled training statistics summed from per-silo "
         "moments (no rows move). fedyogi_pooled_stats is the shipped heart_disease.yaml with only the seed changed.",
         "std is the sample standard deviation (ddof=1) of the per-seed mean over the 4 hospitals.",
-        "No encryption and no DP in any row: accuracy of the plaintext protocol.",
+        "No encryption in any row. Rows whose `privacy` is a budget ran DP-SGD at every silo (Poisson sampling, "
+        "clipping 1.0, noise calibrated per silo with Opacus' RDP accountant to spend epsilon 1, delta 1e-5 over the "
+        "planned study); all other rows are non-private.",
     ]
 
 
@@ -193,9 +200,10 @@ def bars(methods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         m = methods["fedavg_flamby"]["mean_center_accuracy"]
         out["fedavg_parity"] = {"method": "fedavg_flamby", "target": 0.685, "tolerance": 0.01,
                                 "measured": m, "met": bool(abs(m - 0.685) <= 0.01)}
-    if DEFAULT_METHOD in methods:
-        m = methods[DEFAULT_METHOD]["mean_center_accuracy"]
-        out["default_at_least_0_80"] = {"method": DEFAULT_METHOD, "target": 0.80, "measured": m, "met": bool(m >= 0.80)}
+    for key, name in (("default_at_least_0_80", DEFAULT_METHOD), ("nonprivate_default_at_least_0_80", "fedyogi_pooled_stats")):
+        if name in methods:
+            m = methods[name]["mean_center_accuracy"]
+            out[key] = {"method": name, "target": 0.80, "measured": m, "met": bool(m >= 0.80)}
     return out
 
 

@@ -7,6 +7,7 @@ exactly as the Flower apps do, minus the transport. Nothing here trains or aggre
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,7 +36,7 @@ def base_study() -> StudySpec:
 
 def study_variant(
     base: StudySpec, *, seed: int, normalisation: Normalisation | None = None,
-    min_silos: int | None = None, **training: Any,
+    min_silos: int | None = None, private: bool = False, **training: Any,
 ) -> StudySpec:
     """Copy of `base` with a seed, optional normalisation/min_silos and training overrides.
 
@@ -43,6 +44,8 @@ def study_variant(
     for a benchmark, and `policy_hash()` of the copy still identifies the variant.
     """
     update: dict[str, Any] = {"seed": seed, "training": base.training.model_copy(update=training)}
+    if not private:
+        update["privacy"] = "none"
     if normalisation is not None:
         update["features"] = base.features.model_copy(update={"normalisation": normalisation})
     if min_silos is not None:
@@ -73,7 +76,9 @@ def pooled_design(designs: dict[str, Design]) -> Design:
 
 
 def silos_for(study: StudySpec, designs: dict[str, Design]) -> list[Silo]:
-    return [Silo(name=n, study=study, design=d) for n, d in designs.items()]
+    """Silos for one run; a DP study gets fresh ledgers in a temporary state directory."""
+    root = Path(tempfile.mkdtemp(prefix="fedcohort-bench-")) if study.dp else None
+    return [Silo(name=n, study=study, design=d, state_dir=root / n if root else None) for n, d in designs.items()]
 
 
 def federate(study: StudySpec, silos: list[Silo]) -> StudyState:
@@ -81,7 +86,7 @@ def federate(study: StudySpec, silos: list[Silo]) -> StudyState:
     st = StudyState(study.id, study.policy_hash())
     st.add_stats([s.stats_contribution() for s in silos])
     for r in range(1, study.training.rounds + 1):
-        st.add_round([s.train(r, st.stats_sum, st.aggregates)[0] for s in silos])
+        st.add_round([s.train(r, st.stats_sum, st.aggregates, nonce=f"bench-{r}").update for s in silos])
     return st
 
 

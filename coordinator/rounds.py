@@ -25,6 +25,7 @@ class RoundRecord:
     refused: dict[str, str]
     pooled: dict[str, float] | None = None  # metrics of the model that entered this round
     per_silo: dict[str, dict] = field(default_factory=dict)
+    privacy: dict[str, dict] = field(default_factory=dict)  # silo -> epsilon spent, budget, rounds left
     seconds: float = 0.0
 
 
@@ -56,7 +57,7 @@ class StudyState:
             "rounds": len(self.aggregates),
             "history": [
                 {"round": r.round, "asked": r.asked, "replied": r.replied, "refused": r.refused,
-                 "pooled_entering_model": r.pooled, "seconds": r.seconds}
+                 "pooled_entering_model": r.pooled, "privacy": r.privacy, "seconds": r.seconds}
                 for r in self.rounds
             ],
             "final": self.final,

@@ -45,6 +45,7 @@ class StudyRunner:
         self.state = StudyState(study.id, study.policy_hash())
         out_dir.mkdir(parents=True, exist_ok=True)
         self.audit = open_party_log(out_dir, "coordinator", "coordinator")
+        self.ledger_witness: dict[int, tuple[int, str]] = {}  # node -> last privacy-ledger head seen
 
     # ---- transport ----------------------------------------------------------------
     def wait_for_silos(self) -> list[int]:
@@ -65,8 +66,10 @@ class StudyRunner:
         seq, head = self.audit.head()
         sent_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for node in nodes:
+            lseq, lhead = self.ledger_witness.get(node, (0, ""))
             req = m.Request(study_id=self.study.id, policy_hash=self.state.policy_hash, round=round_no,
-                            nonce=m.new_nonce(), sent_at=sent_at, audit_seq=seq, audit_head=head)
+                            nonce=m.new_nonce(), sent_at=sent_at, audit_seq=seq, audit_head=head,
+                            ledger_seq=lseq, ledger_head=lhead)
             content = RecordDict({m.HEADER: ConfigRecord(req.model_dump()), m.ARRAYS: payload})
             msgs.append(Message(content, node, message_type, group_id=str(round_no)))
             requests[node] = req
@@ -133,6 +136,12 @@ class StudyRunner:
         evals = [a.arrays[m.EVAL] for a in ok if m.EVAL in a.arrays]
         record.pooled = metrics_from_counts(np.sum(evals, axis=0)) if evals else None
         record.per_silo = {a.reply.silo: a.reply.report_dict() for a in ok}
+        for a in ok:
+            if a.reply.ledger_seq:
+                self.ledger_witness[a.node_id] = (a.reply.ledger_seq, a.reply.ledger_head)
+                record.privacy[a.reply.silo] = {"epsilon_spent": a.reply.epsilon_spent,
+                                                "epsilon_budget": a.reply.epsilon_budget,
+                                                "rounds_left": a.reply.rounds_left}
         record.seconds = time.monotonic() - t0
         self.audit.append("round.finished", f"{self.study.id}/round-{round_no}",
                           {"asked": len(nodes), "replied": sorted(record.replied), "refused": record.refused})

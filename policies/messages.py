@@ -48,6 +48,8 @@ class Request(BaseModel):
     sent_at: str = ""  # coordinator's clock, recorded by the silo; freshness comes from the nonce
     audit_seq: int = 0  # coordinator's audit chain head, witnessed by the silo
     audit_head: str = ""
+    ledger_seq: int = 0  # this silo's privacy-ledger head as the coordinator last witnessed it
+    ledger_head: str = ""
 
 
 class Reply(BaseModel):
@@ -65,6 +67,11 @@ class Reply(BaseModel):
     report: str = "{}"
     audit_seq: int = 0  # the silo's audit chain head, witnessed by the coordinator
     audit_head: str = ""
+    ledger_seq: int = 0  # the silo's privacy-ledger head after this reply's charge
+    ledger_head: str = ""
+    epsilon_spent: float | None = None
+    epsilon_budget: float | None = None
+    rounds_left: int | None = None
 
     def report_dict(self) -> dict:
         return json.loads(self.report)

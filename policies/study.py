@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from policies import PROTOCOL_VERSION
 from policies.errors import PolicyError
+from policies.privacy import PrivacyPolicy
 from policies.schema import CohortSchema
 from policies.yamlsafe import load_yaml_file, load_yaml_text
 
@@ -87,7 +88,7 @@ class StudySpec(_Strict):
     min_silos: int = Field(3, ge=1)
     small_cell_min: int = Field(5, ge=1)
     encryption: Literal["none", "ckks"] = "none"
-    privacy: Literal["none", "dp"] = "none"
+    privacy: Literal["none"] | PrivacyPolicy = "none"
     approval: Approval = Approval()
 
     @model_validator(mode="after")
@@ -102,6 +103,11 @@ class StudySpec(_Strict):
             if col not in known:
                 raise ValueError(f"features refer to column '{col}' that the cohort schema does not define")
         return self
+
+    @property
+    def dp(self) -> PrivacyPolicy | None:
+        """The study's DP-SGD budget per silo, or None for a non-private study."""
+        return self.privacy if isinstance(self.privacy, PrivacyPolicy) else None
 
     def feature_names(self) -> list[str]:
         """Model input columns in order: numeric columns, then one-hot levels minus the first."""
@@ -119,14 +125,21 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
+def _is_union_branch(part: object) -> bool:
+    """pydantic names union alternatives in locations (`literal['none']`, `PrivacyPolicy`): not keys."""
+    return isinstance(part, str) and (part.startswith("literal[") or part[:1].isupper())
+
+
 def _format_validation_error(source: str, exc: ValidationError) -> str:
-    lines = [f"{source}: the study policy is not valid:"]
+    problems: dict[str, list[str]] = {}
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        where = ".".join(str(p) for p in err["loc"] if not _is_union_branch(p)) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key (not part of the study policy format)"
-        lines.append(f"  - {where}: {msg}")
+        problems.setdefault(where, []).append(msg)
+    lines = [f"{source}: the study policy is not valid:"]
+    lines += [f"  - {where}: {' or '.join(msgs)}" for where, msgs in problems.items()]
     return "\n".join(lines)
 
 

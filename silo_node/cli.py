@@ -42,7 +42,7 @@ def _start(args: argparse.Namespace) -> int:
         return 1
     state_dir = Path(args.state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
-    silo = Silo.from_cohort(args.name, study, args.cohort)
+    silo = Silo.from_cohort(args.name, study, args.cohort, state_dir=state_dir)
     silo.warm_up()
     node_config = (
         f'silo-name="{args.name}" cohort-path="{Path(args.cohort).resolve()}" '

@@ -29,7 +29,7 @@ def _relay(msg: Message, context: Context, kind: str) -> Message:
         reply = m.refusal(req, str(context.node_config.get("silo-name", "unknown")), str(exc)).model_dump()
         out = {}
     content = RecordDict({
-        m.HEADER: ConfigRecord(reply),
+        m.HEADER: ConfigRecord({k: v for k, v in reply.items() if v is not None}),  # Flower has no null
         m.ARRAYS: ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float64)) for k, v in out.items()}),
     })
     return Message(content, reply_to=msg)

@@ -6,9 +6,11 @@ numbers in bench/ come from the same code that runs at a hospital.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -18,9 +20,17 @@ from policies.metrics import silo_report
 from policies.study import StudySpec
 from policies.update import pack_update, unpack_sum
 from silo_node.cohort import read_cohort
+from silo_node.dp import DPPlan, dp_local_train, plan_for_silo
 from silo_node.features import Design, build_design, moments, normalise, normaliser_from_moments
+from silo_node.ledger import PrivacyLedger
 from silo_node.server_optimizer import replay
 from silo_node.training import derive_seed, evaluate, init_weights, local_train
+
+
+class TrainResult(NamedTuple):
+    update: np.ndarray
+    counts: np.ndarray
+    privacy: dict | None  # ledger head and spend after this round's charge (DP studies)
 
 
 @dataclass
@@ -28,16 +38,19 @@ class Silo:
     name: str
     study: StudySpec
     design: Design
+    state_dir: Path | None = None  # where the privacy ledger lives; required for DP studies
 
     @classmethod
-    def from_cohort(cls, name: str, study: StudySpec, cohort: str | Path) -> "Silo":
-        return cls(name=name, study=study, design=build_design(read_cohort(cohort), study))
+    def from_cohort(cls, name: str, study: StudySpec, cohort: str | Path, state_dir: Path | None = None) -> "Silo":
+        return cls(name=name, study=study, design=build_design(read_cohort(cohort), study), state_dir=state_dir)
 
     def warm_up(self) -> None:
         """Load the heavy libraries once, in the resident service, not per round."""
         import tenseal  # noqa: F401  (CKKS, used for encrypted studies)
 
         init_weights(self.study, self.design.x.shape[1])
+        if self.study.dp is not None:
+            self.dp_plan()  # calibrates the noise once (cached) and imports opacus' accountant
 
     # ---- round 0 ---------------------------------------------------------------
     def stats_contribution(self) -> np.ndarray:
@@ -76,14 +89,50 @@ class Silo:
         return len(self.design.train_idx) / self.study.cohort.max_rows
 
     # ---- requests -----------------------------------------------------------------
-    def train(self, round_no: int, stats_sum: np.ndarray | None, aggregates: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Evaluate the current global model, then train from it; return (update, eval counts)."""
+    def train(self, round_no: int, stats_sum: np.ndarray | None, aggregates: list[np.ndarray],
+              nonce: str = "", witness: tuple[int, str] | None = None) -> TrainResult:
+        """Evaluate the current global model, then train from it.
+
+        Under DP the ledger decides before any work, and the charge is on disk before
+        this returns, i.e. before the update can leave the silo.
+        """
         mean, std = self._normaliser(stats_sum)
         w = self.global_weights(aggregates)
         counts = evaluate(w, normalise(self.design.x_test, mean, std), self.design.y_test)
-        seed = derive_seed(self.study.seed, round_no, self.name)
-        trained = local_train(w, normalise(self.design.x_train, mean, std), self.design.y_train, self.study, seed)
-        return pack_update(trained, self.aggregation_weight()), counts
+        x_train = normalise(self.design.x_train, mean, std)
+        if self.study.dp is None:
+            seed = derive_seed(self.study.seed, round_no, self.name)
+            trained = local_train(w, x_train, self.design.y_train, self.study, seed)
+            return TrainResult(pack_update(trained, self.aggregation_weight()), counts, None)
+        return self._dp_train(round_no, nonce, w, x_train, counts, witness)
+
+    def ledger(self) -> PrivacyLedger:
+        if self.state_dir is None:
+            raise PolicyError("a DP study needs the silo's state directory for its privacy ledger")
+        return PrivacyLedger.load(self.state_dir, self.study.id, policy_hash=self.study.policy_hash(), privacy=self.study.dp)
+
+    def dp_plan(self) -> DPPlan:
+        return plan_for_silo(self.study.training, self.study.dp, len(self.design.train_idx))
+
+    def _dp_train(self, round_no: int, nonce: str, w: np.ndarray, x_train: np.ndarray, counts: np.ndarray,
+                  witness: tuple[int, str] | None) -> TrainResult:
+        ledger, plan = self.ledger(), self.dp_plan()
+        if witness and witness[0]:
+            ledger.check_witness(*witness)
+        decision = ledger.decide(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round, round=round_no)
+        if not decision.allowed:
+            raise PolicyError(decision.reason)
+        # Noise from OS entropy, never from the study seed: the coordinator knows that seed.
+        trained = dp_local_train(w, x_train, self.design.y_train, self.study.training, self.study.dp, plan.noise_multiplier)
+        update = pack_update(trained, self.aggregation_weight())
+        charge = ledger.charge(round_no, nonce, plan.noise_multiplier, plan.sample_rate, plan.steps_per_round,
+                               release_digest=hashlib.sha256(update.tobytes()).hexdigest())
+        privacy = {
+            "ledger_seq": charge.seq, "ledger_head": charge.hash, "epsilon_spent": charge.epsilon_after,
+            "epsilon_budget": ledger.budget(),
+            "rounds_left": ledger.rounds_left_at_rate(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round),
+        }
+        return TrainResult(update, counts, privacy)
 
     def evaluate(self, stats_sum: np.ndarray | None, aggregates: list[np.ndarray]) -> np.ndarray:
         mean, std = self._normaliser(stats_sum)
@@ -91,11 +140,11 @@ class Silo:
         return evaluate(w, normalise(self.design.x_test, mean, std), self.design.y_test)
 
     # ---- replies ------------------------------------------------------------------
-    def reply(self, req: Request, counts: np.ndarray | None = None) -> Reply:
+    def reply(self, req: Request, counts: np.ndarray | None = None, privacy: dict | None = None) -> Reply:
         report = json.dumps(silo_report(counts, self.study.small_cell_min)) if counts is not None else "{}"
         return Reply(
             study_id=req.study_id, policy_hash=req.policy_hash, round=req.round, nonce=req.nonce,
-            silo=self.name, status="ok", report=report,
+            silo=self.name, status="ok", report=report, **(privacy or {}),
         )
 
     def check(self, req: Request) -> None:

@@ -196,9 +196,12 @@ def test_hash_ignores_formatting(heart_dict):
 
 def test_defaults_are_part_of_the_hash(heart_dict):
     """Spelling out a default gives the same study, hence the same hash."""
+    spelled = copy.deepcopy(heart_dict)
+    spelled["privacy"]["max_grad_norm"] = 1.0  # the default, written out
+    spelled["privacy"]["accountant"] = "rdp"
     without = copy.deepcopy(heart_dict)
-    del without["privacy"]  # default "none", as shipped
-    assert load_dict(without).policy_hash() == load_dict(heart_dict).policy_hash()
+    without["privacy"].pop("max_grad_norm", None)
+    assert load_dict(without).policy_hash() == load_dict(spelled).policy_hash()
 
 
 def _leaves(obj: Any, path: tuple = ()) -> Iterator[tuple]:
@@ -267,9 +270,10 @@ def test_hash_changes_when_any_field_changes(heart_study):
         assert digest not in seen, f"changing {where} did not change the hash (same as {seen.get(digest)})"
         seen[digest] = where
     assert len(seen) > 100
-    # no valid policy can change protocol_version or model.kind (one choice each),
-    # nor set patient_id_column without also adding a column
-    assert sorted(untested) == ["cohort.patient_id_column", "model.kind", "protocol_version"]
+    # no valid policy can change protocol_version, model.kind or the DP accountant and
+    # sampling (one choice each), nor set patient_id_column without also adding a column
+    assert sorted(untested) == ["cohort.patient_id_column", "model.kind", "privacy.accountant",
+                                "privacy.sampling", "protocol_version"]
 
 
 def test_hash_changes_with_a_new_column(heart_dict):
