@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -40,12 +41,14 @@ class StudyState:
     rounds: list[RoundRecord] = field(default_factory=list)
     final: dict | None = None
     started: float = field(default_factory=time.time)
+    # plaintext sum, or a ciphertext sum bound to the study's keyless aggregator context
+    adder: Callable[[list[np.ndarray]], np.ndarray] = sum_vectors
 
     def add_stats(self, contributions: list[np.ndarray]) -> None:
-        self.stats_sum = sum_vectors(contributions)
+        self.stats_sum = self.adder(contributions)
 
     def add_round(self, updates: list[np.ndarray]) -> np.ndarray:
-        agg = sum_vectors(updates)
+        agg = self.adder(updates)
         self.aggregates.append(agg)
         return agg
 
@@ -65,13 +68,9 @@ class StudyState:
         }
 
 
-def pooled_evaluation(per_silo_counts: dict[str, np.ndarray]) -> dict[str, float]:
-    return metrics_from_counts(sum_vectors(list(per_silo_counts.values())))
-
-
-def final_evaluation(per_silo_counts: dict[str, np.ndarray], per_silo_reports: dict[str, dict]) -> dict:
+def final_evaluation(pooled_counts: np.ndarray, per_silo_reports: dict[str, dict]) -> dict:
     """The study's headline numbers: pooled test metrics, per-hospital (suppressed) and their mean."""
-    pooled = pooled_evaluation(per_silo_counts)
+    pooled = metrics_from_counts(pooled_counts)
     centre_acc = {s: rep.get("accuracy") for s, rep in per_silo_reports.items()}
     shown = [a for a in centre_acc.values() if a is not None]
     return {

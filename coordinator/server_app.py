@@ -8,6 +8,7 @@ pulled every `poll-interval` seconds rather than on Flower's fixed 3-second tick
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -46,6 +47,8 @@ class StudyRunner:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.audit = open_party_log(out_dir, "coordinator", "coordinator")
         self.ledger_witness: dict[int, tuple[int, str]] = {}  # node -> last privacy-ledger head seen
+        # (round record the model was evaluated for, summed evaluation counts not yet revealed)
+        self.pending_eval: tuple[RoundRecord | None, np.ndarray] | None = None
 
     # ---- transport ----------------------------------------------------------------
     def wait_for_silos(self) -> list[int]:
@@ -59,10 +62,11 @@ class StudyRunner:
                 raise PolicyError(f"only {len(nodes)} silos connected, the study needs {self.study.min_silos}")
             time.sleep(self.poll)
 
-    def exchange(self, nodes: list[int], message_type: str, round_no: int, arrays: dict[str, np.ndarray]) -> tuple[list[SiloAnswer], list[int]]:
+    def exchange(self, nodes: list[int], message_type: str, round_no: int, arrays: dict[str, np.ndarray],
+                 per_node: dict[int, dict[str, np.ndarray]] | None = None) -> tuple[list[SiloAnswer], list[int]]:
         """Send one request per silo (fresh nonce each), collect what answers in time."""
         requests, msgs = {}, []
-        payload = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        shared = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
         seq, head = self.audit.head()
         sent_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for node in nodes:
@@ -70,6 +74,8 @@ class StudyRunner:
             req = m.Request(study_id=self.study.id, policy_hash=self.state.policy_hash, round=round_no,
                             nonce=m.new_nonce(), sent_at=sent_at, audit_seq=seq, audit_head=head,
                             ledger_seq=lseq, ledger_head=lhead)
+            payload = shared if not per_node else ArrayRecord(
+                {k: Array(np.ascontiguousarray(v)) for k, v in (arrays | per_node.get(node, {})).items()})
             content = RecordDict({m.HEADER: ConfigRecord(req.model_dump()), m.ARRAYS: payload})
             msgs.append(Message(content, node, message_type, group_id=str(round_no)))
             requests[node] = req
@@ -113,15 +119,71 @@ class StudyRunner:
         if len(ok) < self.study.min_silos:
             raise PolicyError(f"{what}: {len(ok)} silos contributed, the study needs {self.study.min_silos}; study stopped")
 
+    def key_ceremony(self, nodes: list[int]) -> list[int]:
+        """CKKS key made at one silo, sealed to the others; the coordinator relays sealed blobs.
+
+        The coordinator ends up with the keyless aggregator context only: it can add
+        ciphertexts and nothing else.
+        """
+        from policies.ckks import load_context, sum_encrypted_uint8
+
+        answers, _ = self.exchange(nodes, m.ENROL, 0, {})
+        enrolled = {a.node_id: a for a in self._ok(answers, m.ENROL_PUB)}
+        self._require_quorum(list(enrolled.values()), "key ceremony (enrolment keys)")
+        holder, peers = min(enrolled), sorted(n for n in enrolled if n != min(enrolled))
+        for node, a in enrolled.items():
+            self.audit.append("key.enrolment_seen", a.reply.silo, {
+                "node": str(node), "fingerprint": hashlib.sha256(a.arrays[m.ENROL_PUB].tobytes()).hexdigest()})
+        peer_keys = {m.peer_key(str(n)): enrolled[n].arrays[m.ENROL_PUB] for n in peers}
+        answers, _ = self.exchange([holder], m.KEYGEN, 0, peer_keys)
+        made = self._ok(answers, m.AGG_CTX)
+        if not made:
+            raise PolicyError("key ceremony: the key-holding silo did not make the study key; study stopped")
+        sealed = {n: {m.SEALED: made[0].arrays[m.sealed_key(str(n))]} for n in peers}
+        answers, _ = self.exchange(peers, m.KEYRECV, 0, {}, per_node=sealed)
+        received = [a.node_id for a in answers if a.reply.status == "ok"]
+        members = sorted([holder, *received])
+        self._require_quorum([enrolled[n] for n in members], "key ceremony (sealed keys opened)")
+        context = load_context(made[0].arrays[m.AGG_CTX].tobytes(), self.study.ckks)
+        self.state.adder = lambda arrays: sum_encrypted_uint8(context, arrays)
+        self.audit.append("key.ceremony_done", self.study.id, {"holder": made[0].reply.silo, "members": len(members)})
+        return members
+
     def stats_round(self, nodes: list[int]) -> None:
         answers, _ = self.exchange(nodes, m.STATS, 0, {})
         ok = self._ok(answers, m.MOMENTS)
         self._require_quorum(ok, "statistics round")
         self.state.add_stats([a.arrays[m.MOMENTS] for a in ok])
 
+    def _history(self) -> dict[str, np.ndarray]:
+        arrays = m.history_arrays(self.state.stats_sum, self.state.aggregates)
+        if self.pending_eval is not None:
+            arrays[m.EVAL_SUM] = self.pending_eval[1]
+        return arrays
+
+    def _absorb_evaluations(self, ok: list[SiloAnswer], target: RoundRecord | None) -> np.ndarray | None:
+        """Take last phase's pooled counts from the silos; sum this phase's encoded evaluations.
+
+        Silos decrypt and round the pooled sum (the coordinator cannot); every silo that
+        answered must report the same counts, or they are not trusted. Returns the
+        revealed counts, and keeps this phase's sum pending until the next phase reveals it.
+        """
+        revealed = [a.arrays[m.POOLED_EVAL] for a in ok if m.POOLED_EVAL in a.arrays]
+        pooled = None
+        if self.pending_eval is not None and revealed:
+            if not all(np.allclose(r, revealed[0], atol=1e-6) for r in revealed):
+                raise PolicyError("silos disagree on the pooled evaluation they decrypted; study stopped")
+            pooled = revealed[0]
+            if self.pending_eval[0] is not None:
+                self.pending_eval[0].pooled = metrics_from_counts(pooled)
+        evals = [a.arrays[m.EVAL] for a in ok if m.EVAL in a.arrays]
+        self.pending_eval = (target, self.state.adder(evals)) if evals else None
+        return pooled
+
     def train_round(self, nodes: list[int], round_no: int) -> None:
         t0 = time.monotonic()
-        answers, dropped = self.exchange(nodes, m.TRAIN, round_no, m.history_arrays(self.state.stats_sum, self.state.aggregates))
+        history = self._history()
+        answers, dropped = self.exchange(nodes, m.TRAIN, round_no, history)
         ok = self._ok(answers, m.UPDATE)
         record = RoundRecord(
             round=round_no,
@@ -133,8 +195,7 @@ class StudyRunner:
         self.state.rounds.append(record)
         self._require_quorum(ok, f"round {round_no}")
         self.state.add_round([a.arrays[m.UPDATE] for a in ok])
-        evals = [a.arrays[m.EVAL] for a in ok if m.EVAL in a.arrays]
-        record.pooled = metrics_from_counts(np.sum(evals, axis=0)) if evals else None
+        self._absorb_evaluations(ok, record)
         record.per_silo = {a.reply.silo: a.reply.report_dict() for a in ok}
         for a in ok:
             if a.reply.ledger_seq:
@@ -147,10 +208,16 @@ class StudyRunner:
                           {"asked": len(nodes), "replied": sorted(record.replied), "refused": record.refused})
 
     def final_round(self, nodes: list[int]) -> None:
-        answers, _ = self.exchange(nodes, m.EVALUATE, len(self.state.aggregates), m.history_arrays(self.state.stats_sum, self.state.aggregates))
+        """Evaluate the final model, then have the silos reveal its pooled counts (rounded)."""
+        answers, _ = self.exchange(nodes, m.EVALUATE, len(self.state.aggregates), self._history())
         ok = self._ok(answers, m.EVAL)
         self._require_quorum(ok, "final evaluation")
-        self.state.final = final_evaluation({a.reply.silo: a.arrays[m.EVAL] for a in ok}, {a.reply.silo: a.reply.report_dict() for a in ok})
+        reports = {a.reply.silo: a.reply.report_dict() for a in ok}
+        self._absorb_evaluations(ok, None)
+        answers, _ = self.exchange(nodes, m.REVEAL, len(self.state.aggregates), {m.EVAL_SUM: self.pending_eval[1]})
+        ok = self._ok(answers, m.POOLED_EVAL)
+        self._require_quorum(ok, "final evaluation (reveal)")
+        self.state.final = final_evaluation(self._absorb_evaluations(ok, None), reports)
 
     # ---- the study ----------------------------------------------------------------------
     def write(self, status: str, reason: str = "") -> None:
@@ -165,6 +232,9 @@ class StudyRunner:
         try:
             self.write("waiting for silos")
             nodes = self.wait_for_silos()
+            if self.study.encryption == "ckks":
+                self.write("key ceremony")
+                nodes = self.key_ceremony(nodes)
             self.write("statistics round")
             self.stats_round(nodes)
             for r in range(1, self.study.training.rounds + 1):

@@ -17,15 +17,32 @@ from pydantic import BaseModel, ConfigDict
 from policies import PROTOCOL_VERSION
 from policies.errors import PolicyError
 
+ENROL = "query.enrol"  # key ceremony 1: each silo's enrolment public key
+KEYGEN = "query.keygen"  # key ceremony 2: one silo makes the CKKS key, seals it to the others
+KEYRECV = "query.keyrecv"  # key ceremony 3: each other silo opens its sealed copy
 STATS = "query.stats"  # round 0: normalisation moments
 TRAIN = "train"
 EVALUATE = "evaluate"
+REVEAL = "query.reveal"  # silos decrypt a pooled evaluation sum and return it rounded
 HEADER = "fedcohort"  # ConfigRecord name of the header
 ARRAYS = "arrays"  # ArrayRecord name of the arrays
 STATS_SUM = "stats_sum"
 UPDATE = "update"
 EVAL = "eval"
 MOMENTS = "moments"
+ENROL_PUB = "enrol_pub"
+AGG_CTX = "aggregator_context"
+SEALED = "sealed"
+EVAL_SUM = "eval_sum"
+POOLED_EVAL = "pooled_eval"
+
+
+def peer_key(node: str) -> str:
+    return f"peer_{node}"
+
+
+def sealed_key(node: str) -> str:
+    return f"sealed_{node}"
 
 
 def agg_key(round_no: int) -> str:
@@ -109,9 +126,9 @@ def history_arrays(stats_sum: np.ndarray | None, aggregates: list[np.ndarray]) -
     """The public state every silo needs to rebuild the global model: stats and sums so far."""
     out: dict[str, np.ndarray] = {}
     if stats_sum is not None:
-        out[STATS_SUM] = np.asarray(stats_sum, dtype=np.float64)
+        out[STATS_SUM] = np.asarray(stats_sum)  # float64 in plaintext studies, uint8 ciphertext under CKKS
     for r, agg in enumerate(aggregates, start=1):
-        out[agg_key(r)] = np.asarray(agg, dtype=np.float64)
+        out[agg_key(r)] = np.asarray(agg)
     return out
 
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from policies import PROTOCOL_VERSION
+from policies.ckks import CkksParams
 from policies.errors import PolicyError
 from policies.privacy import PrivacyPolicy
 from policies.schema import CohortSchema
@@ -88,6 +89,7 @@ class StudySpec(_Strict):
     min_silos: int = Field(3, ge=1)
     small_cell_min: int = Field(5, ge=1)
     encryption: Literal["none", "ckks"] = "none"
+    ckks: CkksParams = CkksParams()
     privacy: Literal["none"] | PrivacyPolicy = "none"
     approval: Approval = Approval()
 

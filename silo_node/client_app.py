@@ -30,14 +30,34 @@ def _relay(msg: Message, context: Context, kind: str) -> Message:
         out = {}
     content = RecordDict({
         m.HEADER: ConfigRecord({k: v for k, v in reply.items() if v is not None}),  # Flower has no null
-        m.ARRAYS: ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float64)) for k, v in out.items()}),
+        m.ARRAYS: ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in out.items()}),
     })
     return Message(content, reply_to=msg)
+
+
+@app.query("enrol")
+def enrol(msg: Message, context: Context) -> Message:
+    return _relay(msg, context, m.ENROL)
+
+
+@app.query("keygen")
+def keygen(msg: Message, context: Context) -> Message:
+    return _relay(msg, context, m.KEYGEN)
+
+
+@app.query("keyrecv")
+def keyrecv(msg: Message, context: Context) -> Message:
+    return _relay(msg, context, m.KEYRECV)
 
 
 @app.query("stats")
 def stats(msg: Message, context: Context) -> Message:
     return _relay(msg, context, m.STATS)
+
+
+@app.query("reveal")
+def reveal(msg: Message, context: Context) -> Message:
+    return _relay(msg, context, m.REVEAL)
 
 
 @app.train()

@@ -87,3 +87,22 @@ def normaliser_from_moments(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def normalise(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     return (x - mean) / std
+
+
+def feature_scales(study: StudySpec) -> np.ndarray:
+    """A bound on |value| per model feature, from the schema (ranges, categories; one-hot 1).
+
+    Used to scale statistics before encryption so that sums stay inside CKKS headroom.
+    """
+    scales = []
+    for col in study.features.numeric:
+        rule = study.cohort.columns[col]
+        if rule.range is not None:
+            scales.append(max(abs(rule.range[0]), abs(rule.range[1]), 1.0))
+        elif rule.categories:
+            scales.append(max(max(abs(float(c)) for c in rule.categories), 1.0))
+        else:
+            scales.append(1.0)
+    for levels in study.features.one_hot.values():
+        scales += [1.0] * (len(levels) - 1)
+    return np.asarray(scales, dtype=np.float64)

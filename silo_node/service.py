@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import traceback
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
 from typing import Callable
@@ -64,6 +65,36 @@ def handle(silo, log: AuditLog, kind: str, header: dict, arrays: dict[str, np.nd
     return reply.model_copy(update={"audit_seq": entry.seq, "audit_head": entry.hash}).model_dump(), out
 
 
+def _bytes(arr: np.ndarray) -> bytes:
+    return np.ascontiguousarray(arr, dtype=np.uint8).tobytes()
+
+
+def _u8(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.uint8).copy()
+
+
+def _enrol(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
+    return {m.ENROL_PUB: _u8(silo.enrolment_public())}, None, None
+
+
+def _keygen(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
+    peers = {k[len("peer_"):]: _bytes(v) for k, v in arrays.items() if k.startswith("peer_")}
+    aggregator, sealed = silo.make_study_key(peers)
+    return {m.AGG_CTX: _u8(aggregator), **{m.sealed_key(p): _u8(b) for p, b in sealed.items()}}, None, None
+
+
+def _keyrecv(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
+    silo.receive_study_key(_bytes(arrays[m.SEALED]))
+    return {}, None, None
+
+
+def _with_reveal(silo, arrays: dict, out: dict) -> dict:
+    """Piggyback: decrypt last phase's pooled evaluation sum, rounded, if one was sent."""
+    if m.EVAL_SUM in arrays:
+        out[m.POOLED_EVAL] = silo.reveal(arrays[m.EVAL_SUM])
+    return out
+
+
 def _stats(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
     return {m.MOMENTS: silo.stats_contribution()}, None, None
 
@@ -71,15 +102,23 @@ def _stats(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
 def _train(silo, req: m.Request, arrays: dict) -> tuple[dict, np.ndarray, dict | None]:
     witness = (req.ledger_seq, req.ledger_head) if req.ledger_seq else None
     result = silo.train(req.round, arrays.get(m.STATS_SUM), m.aggregates_from_arrays(arrays), req.nonce, witness)
-    return {m.UPDATE: result.update, m.EVAL: result.counts}, result.counts, result.privacy
+    out = {m.UPDATE: result.update, m.EVAL: silo.encode_eval(result.counts)}
+    return _with_reveal(silo, arrays, out), result.counts, result.privacy
 
 
 def _evaluate(silo, req: m.Request, arrays: dict) -> tuple[dict, np.ndarray, None]:
     counts = silo.evaluate(arrays.get(m.STATS_SUM), m.aggregates_from_arrays(arrays))
-    return {m.EVAL: counts}, counts, None
+    return _with_reveal(silo, arrays, {m.EVAL: silo.encode_eval(counts)}), counts, None
 
 
-_WORK: dict[str, Callable] = {m.STATS: _stats, m.TRAIN: _train, m.EVALUATE: _evaluate}
+def _reveal(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
+    return _with_reveal(silo, arrays, {}), None, None
+
+
+_WORK: dict[str, Callable] = {
+    m.ENROL: _enrol, m.KEYGEN: _keygen, m.KEYRECV: _keyrecv, m.STATS: _stats,
+    m.TRAIN: _train, m.EVALUATE: _evaluate, m.REVEAL: _reveal,
+}
 
 
 def serve(state_dir: Path, silo, stop: Callable[[], bool] = lambda: False) -> None:
@@ -113,6 +152,8 @@ def serve(state_dir: Path, silo, stop: Callable[[], bool] = lambda: False) -> No
                 except (EOFError, OSError):
                     continue
                 except Exception as exc:  # the service must outlive one bad request
+                    # the traceback stays in this silo's own log; the coordinator gets the type only
+                    traceback.print_exc()
                     conn.send(({"error": f"{type(exc).__name__} in silo service"}, {}))
 
 

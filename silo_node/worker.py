@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,15 +21,16 @@ from policies.study import StudySpec
 from policies.update import pack_update, unpack_sum
 from silo_node.cohort import read_cohort
 from silo_node.dp import DPPlan, dp_local_train, plan_for_silo
-from silo_node.features import Design, build_design, moments, normalise, normaliser_from_moments
+from silo_node.codec import CkksCodec, Codec, PlainCodec
+from silo_node.features import Design, build_design, feature_scales, moments, normalise, normaliser_from_moments
 from silo_node.ledger import PrivacyLedger
 from silo_node.server_optimizer import replay
 from silo_node.training import derive_seed, evaluate, init_weights, local_train
 
 
 class TrainResult(NamedTuple):
-    update: np.ndarray
-    counts: np.ndarray
+    update: np.ndarray  # encoded: plaintext float64 or CKKS ciphertext bytes
+    counts: np.ndarray  # plaintext evaluation counts, for the silo's own suppressed report
     privacy: dict | None  # ledger head and spend after this round's charge (DP studies)
 
 
@@ -38,7 +39,8 @@ class Silo:
     name: str
     study: StudySpec
     design: Design
-    state_dir: Path | None = None  # where the privacy ledger lives; required for DP studies
+    state_dir: Path | None = None  # ledger and keys live here; required for DP or CKKS studies
+    _codec: Codec | None = field(default=None, repr=False)
 
     @classmethod
     def from_cohort(cls, name: str, study: StudySpec, cohort: str | Path, state_dir: Path | None = None) -> "Silo":
@@ -52,10 +54,88 @@ class Silo:
         if self.study.dp is not None:
             self.dp_plan()  # calibrates the noise once (cached) and imports opacus' accountant
 
+    # ---- encoding ----------------------------------------------------------------
+    @property
+    def codec(self) -> Codec:
+        if self._codec is None:
+            if self.study.encryption == "none":
+                self._codec = PlainCodec()
+            else:
+                from policies.ckks import load_context
+                from silo_node.keys import load_study_secret
+
+                secret = load_study_secret(self._require_state_dir("CKKS"), self.study.id)
+                self._codec = CkksCodec(load_context(secret, self.study.ckks), self.study.ckks)
+        return self._codec
+
+    def _require_state_dir(self, what: str) -> Path:
+        if self.state_dir is None:
+            raise PolicyError(f"a {what} study needs the silo's state directory")
+        return Path(self.state_dir)
+
+    def _stats_scale(self) -> np.ndarray:
+        """Moments divided by max_rows and by the schema's feature bounds: every slot <= 1."""
+        m, s = float(self.study.cohort.max_rows), feature_scales(self.study)
+        return np.concatenate([[1.0 / m], 1.0 / (m * s), 1.0 / (m * s * s)])
+
+    def _eval_scale(self) -> float:
+        return 1.0 / float(self.study.cohort.max_rows)
+
+    def encode_eval(self, counts: np.ndarray) -> np.ndarray:
+        """Evaluation counts plus a contributor slot, encoded for summing."""
+        return self.codec.encode(np.concatenate([counts, [1.0]]), self._eval_scale())
+
+    def reveal(self, eval_sum: np.ndarray) -> np.ndarray:
+        """Decrypt a pooled evaluation sum and round it before it leaves (IND-CPA-D)."""
+        vec = self.codec.decode(eval_sum, self._eval_scale())
+        contributors = int(round(vec[-1]))
+        if contributors < self.study.min_silos:
+            raise PolicyError(f"pooled evaluation has {contributors} contributors, below the study minimum "
+                              f"of {self.study.min_silos}: refused")
+        counts = vec[:-1].copy()
+        counts[4] = round(counts[4], 6)  # loss sum
+        mask = np.ones(len(counts), dtype=bool)
+        mask[4] = False
+        counts[mask] = np.round(counts[mask])
+        return counts
+
+    # ---- key ceremony ---------------------------------------------------------------
+    def _context_info(self) -> bytes:
+        return f"{self.study.id}:{self.study.policy_hash()}".encode()
+
+    def enrolment_public(self) -> bytes:
+        from silo_node.keys import EnrolmentKey
+
+        return EnrolmentKey.load_or_create(self._require_state_dir("CKKS")).public_bytes()
+
+    def make_study_key(self, peers: dict[str, bytes]) -> tuple[bytes, dict[str, bytes]]:
+        """Key ceremony at the first silo: make the CKKS key, keep it, seal it to each peer.
+
+        Returns the keyless aggregator context (all the coordinator may hold) and one
+        sealed blob per peer that only that peer's enrolment key opens.
+        """
+        from policies.ckks import aggregator_context_bytes, new_secret_context, secret_context_bytes
+        from silo_node.keys import seal, store_study_secret
+
+        ctx = new_secret_context(self.study.ckks)
+        secret = secret_context_bytes(ctx)
+        store_study_secret(self._require_state_dir("CKKS"), self.study.id, secret, replace=True)
+        self._codec = None
+        sealed = {peer: seal(pub, secret, self._context_info()) for peer, pub in peers.items()}
+        return aggregator_context_bytes(ctx), sealed
+
+    def receive_study_key(self, sealed: bytes) -> None:
+        from silo_node.keys import EnrolmentKey, store_study_secret
+
+        state_dir = self._require_state_dir("CKKS")
+        secret = EnrolmentKey.load_or_create(state_dir).open(sealed, self._context_info())
+        store_study_secret(state_dir, self.study.id, secret, replace=True)
+        self._codec = None
+
     # ---- round 0 ---------------------------------------------------------------
     def stats_contribution(self) -> np.ndarray:
         """Training-split moments for pooled normalisation (count, sums, sums of squares)."""
-        return moments(self.design.x_train)
+        return self.codec.encode(moments(self.design.x_train), self._stats_scale())
 
     # ---- the global model --------------------------------------------------------
     def _normaliser(self, stats_sum: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -67,13 +147,13 @@ class Silo:
             return normaliser_from_moments(moments(self.design.x_train))
         if stats_sum is None:
             raise PolicyError("pooled normalisation needs the statistics round's sum, which is missing")
-        return normaliser_from_moments(stats_sum)
+        return normaliser_from_moments(self.codec.decode(stats_sum, self._stats_scale()))
 
     def global_weights(self, aggregates: list[np.ndarray]) -> np.ndarray:
         """Rebuild the global model from the policy's init and every round's summed update."""
         means = []
         for r, agg in enumerate(aggregates, start=1):
-            summed = unpack_sum(agg)
+            summed = unpack_sum(self.codec.decode(agg))
             if summed.contributors < self.study.min_silos:
                 raise PolicyError(
                     f"round {r} aggregate has {summed.contributors} contributors, below the study minimum "
@@ -103,7 +183,7 @@ class Silo:
         if self.study.dp is None:
             seed = derive_seed(self.study.seed, round_no, self.name)
             trained = local_train(w, x_train, self.design.y_train, self.study, seed)
-            return TrainResult(pack_update(trained, self.aggregation_weight()), counts, None)
+            return TrainResult(self.codec.encode(pack_update(trained, self.aggregation_weight())), counts, None)
         return self._dp_train(round_no, nonce, w, x_train, counts, witness)
 
     def ledger(self) -> PrivacyLedger:
@@ -125,6 +205,7 @@ class Silo:
         # Noise from OS entropy, never from the study seed: the coordinator knows that seed.
         trained = dp_local_train(w, x_train, self.design.y_train, self.study.training, self.study.dp, plan.noise_multiplier)
         update = pack_update(trained, self.aggregation_weight())
+        encoded = self.codec.encode(update)  # bounds checked before anything is charged
         charge = ledger.charge(round_no, nonce, plan.noise_multiplier, plan.sample_rate, plan.steps_per_round,
                                release_digest=hashlib.sha256(update.tobytes()).hexdigest())
         privacy = {
@@ -132,7 +213,7 @@ class Silo:
             "epsilon_budget": ledger.budget(),
             "rounds_left": ledger.rounds_left_at_rate(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round),
         }
-        return TrainResult(update, counts, privacy)
+        return TrainResult(encoded, counts, privacy)
 
     def evaluate(self, stats_sum: np.ndarray | None, aggregates: list[np.ndarray]) -> np.ndarray:
         mean, std = self._normaliser(stats_sum)

@@ -36,6 +36,7 @@ def demo_run(tmp_path_factory):
     state = tmp_path_factory.mktemp("state")
     data = load_study(shipped_study()).model_dump(mode="json")
     data["privacy"] = "none"
+    data["encryption"] = "none"
     study = state / "nonprivate.yaml"
     study.write_text(yaml.safe_dump(data, sort_keys=False))
     summary, stdout = _demo(state, "--study", str(study))
@@ -57,8 +58,8 @@ def _in_process(study_path) -> dict:
     state.add_stats([s.stats_contribution() for s in silos])
     for r in range(1, study.training.rounds + 1):
         state.add_round([s.train(r, state.stats_sum, state.aggregates)[0] for s in silos])
-    counts = {s.name: s.evaluate(state.stats_sum, state.aggregates) for s in silos}
-    return final_evaluation(counts, {})
+    counts = [s.evaluate(state.stats_sum, state.aggregates) for s in silos]
+    return final_evaluation(np.sum(counts, axis=0), {})
 
 
 def test_demo_completes_and_reports(demo_run):
@@ -145,3 +146,24 @@ def test_dp_spend_is_recorded_and_witnessed(dp_run):
         ledger = PrivacyLedger.load(state / "silos" / silo, study.id)
         assert ledger.seq == ROUNDS and ledger.spent() == pytest.approx(spend[-1])
     assert 0.5 < summary["pooled_test_accuracy"] <= 1.0
+
+
+def test_coordinator_never_holds_the_secret_key(dp_run):
+    """The shipped study is CKKS: the ceremony ran, and no coordinator file holds secret-key bytes."""
+    from policies.ckks import has_secret_key, load_context
+    from silo_node.keys import load_study_secret
+
+    state, summary, _ = dp_run
+    study = load_study(state / "study.yaml")
+    assert study.encryption == "ckks"
+    actions = [json.loads(line)["action"] for line in (state / "coordinator" / "audit.jsonl").read_text().splitlines()]
+    assert "key.ceremony_done" in actions
+    secrets_at_silos = [load_study_secret(state / "silos" / s, study.id) for s in ("cleveland", "va")]
+    assert secrets_at_silos[0] == secrets_at_silos[1]  # the sealed copy opened to the same key
+    assert has_secret_key(load_context(secrets_at_silos[0], study.ckks))
+    probe = secrets_at_silos[0][len(secrets_at_silos[0]) // 2:][:64]
+    for path in (state / "coordinator").rglob("*"):
+        if path.is_file():
+            assert probe not in path.read_bytes(), f"secret-key bytes found in {path}"
+    for path in (state / "silos" / "va" / "keys").iterdir():
+        assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others"

@@ -272,7 +272,8 @@ def test_hash_changes_when_any_field_changes(heart_study):
     assert len(seen) > 100
     # no valid policy can change protocol_version, model.kind or the DP accountant and
     # sampling (one choice each), nor set patient_id_column without also adding a column
-    assert sorted(untested) == ["cohort.patient_id_column", "model.kind", "privacy.accountant",
+    # (nor N alone: the coefficient moduli must change with it)
+    assert sorted(untested) == ["ckks.poly_modulus_degree", "cohort.patient_id_column", "model.kind", "privacy.accountant",
                                 "privacy.sampling", "protocol_version"]
 
 

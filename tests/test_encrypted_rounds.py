@@ -1,0 +1,70 @@
+"""Encrypted rounds in process: real TenSEAL ciphertexts through the silo and coordinator code."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from coordinator.demo import sample_cohorts
+from coordinator.rounds import StudyState
+from policies.ckks import has_secret_key, load_context, sum_encrypted_uint8
+from policies.errors import PolicyError
+from policies.metrics import metrics_from_counts
+from policies.study import load_study, shipped_study
+from silo_node.worker import Silo
+
+ROUNDS = 3
+
+
+def _study(encryption: str):
+    base = load_study(shipped_study())
+    return base.model_copy(update={"encryption": encryption, "privacy": "none",
+                                   "training": base.training.model_copy(update={"rounds": ROUNDS})})
+
+
+def _run(study, tmp_path, ceremony: bool):
+    silos = [Silo.from_cohort(n, study, p, state_dir=tmp_path / study.encryption / n) for n, p in sample_cohorts().items()]
+    state = StudyState(study.id, study.policy_hash())
+    if ceremony:
+        aggregator, sealed = silos[0].make_study_key({s.name: s.enrolment_public() for s in silos[1:]})
+        for s in silos[1:]:
+            s.receive_study_key(sealed[s.name])
+        ctx = load_context(aggregator, study.ckks)
+        assert not has_secret_key(ctx)
+        with pytest.raises(Exception):
+            ctx.secret_key()
+        state.adder = lambda arrays: sum_encrypted_uint8(ctx, arrays)
+    state.add_stats([s.stats_contribution() for s in silos])
+    for r in range(1, ROUNDS + 1):
+        state.add_round([s.train(r, state.stats_sum, state.aggregates).update for s in silos])
+    evals = state.adder([s.encode_eval(s.evaluate(state.stats_sum, state.aggregates)) for s in silos])
+    return silos, state, silos[1].reveal(evals)
+
+
+def test_ckks_rounds_match_plaintext_rounds(tmp_path):
+    silos, state, pooled = _run(_study("ckks"), tmp_path, ceremony=True)
+    assert all(a.dtype == np.uint8 for a in state.aggregates)  # the coordinator only ever held ciphertexts
+    _, _, plain = _run(_study("none"), tmp_path, ceremony=False)
+    enc, ref = metrics_from_counts(pooled), metrics_from_counts(plain)
+    assert enc["n"] == ref["n"] == 254
+    assert enc["accuracy"] == pytest.approx(ref["accuracy"], abs=1 / 254)
+    assert enc["loss"] == pytest.approx(ref["loss"], abs=1e-3)
+    w_enc = silos[0].global_weights(state.aggregates)
+    w_again = silos[3].global_weights(state.aggregates)
+    np.testing.assert_allclose(w_enc, w_again, atol=1e-12)  # every silo holds the same model
+
+
+def test_revealed_counts_are_rounded_and_need_the_minimum(tmp_path):
+    silos, state, pooled = _run(_study("ckks"), tmp_path, ceremony=True)
+    counts = np.delete(pooled, 4)
+    assert np.array_equal(counts, np.round(counts))  # nothing un-rounded leaves a silo (IND-CPA-D)
+    two = sum_encrypted_uint8(load_context(silos[0].make_study_key({})[0], silos[0].study.ckks),
+                              [silos[0].encode_eval(silos[0].evaluate(state.stats_sum, []))] * 2)
+    with pytest.raises(PolicyError, match="contributors"):
+        silos[0].reveal(two)
+
+
+def test_plaintext_vector_is_refused_by_an_encrypted_silo(tmp_path):
+    silos, state, _ = _run(_study("ckks"), tmp_path, ceremony=True)
+    with pytest.raises(PolicyError, match="ciphertext"):
+        silos[0].global_weights([np.zeros(16)])
