@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -25,15 +27,33 @@ from coordinator.demo import run_local_study, sample_cohorts
 FLAMBY = {"FedAvg (FLamby)": 0.6850, "FedYogi (FLamby, best federated)": 0.7314, "pooled training (FLamby)": 0.7353}
 
 
+def _archive_previous_demo(state_dir: Path) -> Path | None:
+    """A finished demo's state is kept, not overwritten: move it under archive/<time>/.
+
+    The demo's study would otherwise meet its own history: the store holds the study as
+    completed, and each silo's privacy ledger holds the budget it already spent.
+    """
+    parts = [state_dir / p for p in ("coordinator", "silos", "runtime", "exports", "study.yaml")]
+    if not (state_dir / "coordinator").exists():
+        return None
+    dest = state_dir / "archive" / time.strftime("%Y%m%dT%H%M%S")
+    dest.mkdir(parents=True, exist_ok=False)
+    for part in parts:
+        if part.exists():
+            shutil.move(str(part), str(dest / part.name))
+    return dest
+
+
 def _study_file(args: argparse.Namespace, state_dir: Path) -> Path:
-    """The shipped study, or a copy with fewer rounds (a new policy version, so a new hash)."""
+    """The study this demo runs: the given one, or a copy with other rounds (a new hash)."""
     path = Path(args.study) if args.study else shipped_study()
     study = load_study(path)
-    if args.rounds is None or args.rounds == study.training.rounds:
-        return path
     data = study.model_dump(mode="json")
-    data["training"]["rounds"] = args.rounds
-    data["approval"]["auto_rounds"] = max(args.rounds, data["approval"]["auto_rounds"])
+    if args.rounds is not None and args.rounds != study.training.rounds:
+        data["training"]["rounds"] = args.rounds
+        data["approval"]["auto_rounds"] = max(args.rounds, data["approval"]["auto_rounds"])
+    if data == study.model_dump(mode="json"):
+        return path
     out = state_dir / "study.yaml"
     out.write_text(yaml.safe_dump(data, sort_keys=False))
     load_study(out)
@@ -89,6 +109,9 @@ def _demo(args: argparse.Namespace) -> int:
     console = Console()
     state_dir = Path(args.state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
+    archived = _archive_previous_demo(state_dir)
+    if archived:
+        console.print(f"previous demo state kept in {archived}")
     study_path = _study_file(args, state_dir)
     study = load_study(study_path)
     cohorts = sample_cohorts()

@@ -24,6 +24,7 @@ from policies.audit import open_party_log
 from policies.errors import PolicyError
 from policies.metrics import metrics_from_counts
 from policies.study import StudySpec, load_study
+from coordinator.bookkeeping import StudyBook
 from coordinator.rounds import RoundRecord, StudyState, final_evaluation
 
 app = ServerApp()
@@ -49,6 +50,9 @@ class StudyRunner:
         self.ledger_witness: dict[int, tuple[int, str]] = {}  # node -> last privacy-ledger head seen
         # (round record the model was evaluated for, summed evaluation counts not yet revealed)
         self.pending_eval: tuple[RoundRecord | None, np.ndarray] | None = None
+        self.book: StudyBook | None = None
+        self.names: dict[int, str] = {}  # node id -> silo name (display; identities come with node auth)
+        self._booked: set[int] = set()
 
     # ---- transport ----------------------------------------------------------------
     def wait_for_silos(self) -> list[int]:
@@ -149,11 +153,22 @@ class StudyRunner:
         self.audit.append("key.ceremony_done", self.study.id, {"holder": made[0].reply.silo, "members": len(members)})
         return members
 
-    def stats_round(self, nodes: list[int]) -> None:
+    def stats_round(self, nodes: list[int]) -> list[int]:
         answers, _ = self.exchange(nodes, m.STATS, 0, {})
         ok = self._ok(answers, m.MOMENTS)
         self._require_quorum(ok, "statistics round")
         self.state.add_stats([a.arrays[m.MOMENTS] for a in ok])
+        self.names = {a.node_id: a.reply.silo for a in ok}
+        return sorted(self.names)
+
+    def _book_evaluations(self) -> None:
+        """Store pooled metrics as they are revealed (model after `round - 1` rounds)."""
+        if self.book is None:
+            return
+        for rec in self.state.rounds:
+            if rec.pooled is not None and rec.round not in self._booked:
+                self.book.evaluation(rec.round - 1, "pooled", rec.pooled)
+                self._booked.add(rec.round)
 
     def _history(self) -> dict[str, np.ndarray]:
         arrays = m.history_arrays(self.state.stats_sum, self.state.aggregates)
@@ -236,17 +251,40 @@ class StudyRunner:
                 self.write("key ceremony")
                 nodes = self.key_ceremony(nodes)
             self.write("statistics round")
-            self.stats_round(nodes)
+            nodes = self.stats_round(nodes)
+            if self.book:
+                self.book.start([self.names[n] for n in nodes])
             for r in range(1, self.study.training.rounds + 1):
+                if self.book:
+                    self.write(f"round {r} waiting for approval")
+                    self.book.approve(r)
+                    self.book.round_started(r, [self.names[n] for n in nodes])
                 self.write(f"round {r} running")
                 self.train_round(nodes, r)
+                if self.book:
+                    self.book.round_finished(self.state.rounds[-1])
+                    self._book_evaluations()
             self.write("final evaluation")
             self.final_round(nodes)
+            self._book_final()
             self.audit.append("study.completed", self.study.id, {"rounds": len(self.state.aggregates)})
             self.write("completed")
+            if self.book:
+                self.book.finish("completed")
         except PolicyError as exc:
             self.audit.append("study.stopped", self.study.id, {"reason": str(exc)[:500]})
             self.write("stopped", str(exc))
+            if self.book:
+                self.book.finish("stopped", str(exc))
+
+    def _book_final(self) -> None:
+        if self.book is None or self.state.final is None:
+            return
+        self._book_evaluations()
+        rounds = len(self.state.aggregates)
+        self.book.evaluation(rounds, "pooled", self.state.final["pooled"])
+        for silo, report in self.state.final["per_silo"].items():
+            self.book.evaluation(rounds, silo, report)
 
 
 @app.main()
@@ -259,4 +297,11 @@ def main(grid: Grid, context: Context) -> None:
         expected=int(cfg.get("expected-silos", study.min_silos)),
         transport=str(cfg.get("transport", "push-pull")),
     )
+    study_path = Path(str(cfg["study-path"]))
+    try:
+        runner.book = StudyBook(Path(str(cfg["state-dir"])), study, study_path.read_text(), runner.audit,
+                                db_url=str(cfg.get("db-url", "")) or None)
+    except PolicyError as exc:
+        runner.write("stopped", str(exc))
+        return
     runner.run()

@@ -1,0 +1,88 @@
+"""What the ServerApp writes to the coordinator's store as a study runs.
+
+The store is the coordinator's memory and what the web UI reads: the study and its
+lifecycle, who enrolled, each round's approval, who replied or refused and why, pooled
+metrics, and each silo's privacy spend. Every write here is also in the audit log.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from coordinator.lifecycle import transition
+from coordinator.rounds import RoundRecord
+from coordinator.store import Store, StudyRow, open_store
+from policies.audit import AuditLog
+from policies.errors import PolicyError
+from policies.study import StudySpec
+
+ACTOR = "coordinator"
+
+
+def ensure_study(store: Store, spec: StudySpec, yaml_text: str) -> StudyRow:
+    """The store's row for exactly this policy (id, version and hash), created if new."""
+    known = [r for r in store.list_studies(all_versions=True) if r.id == spec.id]
+    if not known:
+        return store.create_study(yaml_text, created_by=ACTOR)
+    if spec.version not in {r.version for r in known}:
+        return store.new_version(spec.id, yaml_text, ACTOR)
+    row = store.get_study(spec.id, version=spec.version)
+    if row.policy_hash != spec.policy_hash():
+        raise PolicyError(
+            f"the store already holds {row.label} with policy {row.policy_hash[:12]}, not {spec.policy_hash()[:12]}: "
+            "a changed study needs a new version number"
+        )
+    return row
+
+
+class StudyBook:
+    """Records one running study version; `approve(round)` is the approval gate."""
+
+    def __init__(self, state_dir: Path, spec: StudySpec, yaml_text: str, audit: AuditLog, db_url: str | None = None):
+        self.spec, self.audit = spec, audit
+        self.store = open_store(db_url, state_dir)
+        self.row = ensure_study(self.store, spec, yaml_text)
+        if self.row.status in ("completed", "stopped"):
+            raise PolicyError(f"study {self.row.label} is already {self.row.status}; run a new version")
+
+    def _move(self, to: str, reason: str = "") -> None:
+        change = transition(self.store, self.spec.id, to, ACTOR, reason, version=self.spec.version)
+        self.audit.append("study.status", self.row.label, {"from": change.from_status, "to": change.to_status,
+                                                            "reason": reason[:500]})
+
+    def start(self, silos: list[str]) -> None:
+        """Enrol the silos that answered (each validated its cohort before joining) and run."""
+        status = self.store.get_study(self.spec.id, version=self.spec.version).status
+        if status == "draft":
+            self._move("open")
+        for silo in silos:
+            self.store.record_enrolment(self.spec.id, silo, "validated", version=self.spec.version)
+        if self.store.get_study(self.spec.id, version=self.spec.version).status == "open":
+            self._move("running")
+
+    def approve(self, round_no: int, poll: float = 1.0) -> None:
+        """Wait (cheaply) until the round is approved; a rejection stops the study."""
+        decision = self.store.wait_for_approval(self.spec.id, round_no, poll=poll, version=self.spec.version)
+        if decision == "reject":
+            raise PolicyError(f"round {round_no} was rejected by the study lead; study stopped")
+
+    def round_started(self, round_no: int, asked: list[str]) -> None:
+        self.store.record_round_start(self.spec.id, round_no, asked, version=self.spec.version)
+
+    def round_finished(self, record: RoundRecord) -> None:
+        refused = {k: v for k, v in record.refused.items() if k not in record.replied}
+        self.store.record_round_finish(self.spec.id, record.round, record.replied, refused, version=self.spec.version)
+        for silo, spend in record.privacy.items():
+            self.store.record_privacy_spend(self.spec.id, silo, record.round, spend["epsilon_spent"],
+                                            spend["epsilon_budget"], spend.get("rounds_left"), version=self.spec.version)
+
+    def evaluation(self, model_round: int, scope: str, metrics: dict) -> None:
+        self.store.record_evaluation(self.spec.id, model_round, scope, metrics, version=self.spec.version)
+
+    def finish(self, status: str, reason: str = "") -> None:
+        current = self.store.get_study(self.spec.id, version=self.spec.version).status
+        if current in ("completed", "stopped"):
+            return
+        if status == "completed" and current != "running":
+            status, reason = "stopped", reason or f"ended while {current}"
+        self._move(status, reason if status == "stopped" else "")
