@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,7 @@ class StudyRunner:
         self.book: StudyBook | None = None
         self.names: dict[int, str] = {}  # node id -> silo name (display; identities come with node auth)
         self._booked: set[int] = set()
+        self.rejected: dict[str, str] = {}  # silo -> why its reply was dropped (this phase)
 
     # ---- transport ----------------------------------------------------------------
     def wait_for_silos(self) -> list[int]:
@@ -116,8 +118,39 @@ class StudyRunner:
         return SiloAnswer(node, reply, arrays)
 
     # ---- phases -----------------------------------------------------------------------
-    def _ok(self, answers: list[SiloAnswer], needed: str) -> list[SiloAnswer]:
-        return [a for a in answers if a.reply.status == "ok" and needed in a.arrays]
+    def _ok(self, answers: list[SiloAnswer], needed: str, screen: tuple[str, ...] = ()) -> list[SiloAnswer]:
+        """Replies that answered and carry `needed`; contributions in `screen` must also parse
+        under the study context and have the shape most silos sent, or the reply is rejected
+        (logged) and the round goes on with the others."""
+        ok = [a for a in answers if a.reply.status == "ok" and needed in a.arrays]
+        for key in screen:
+            ok = self._screen(ok, key)
+        return ok
+
+    def _screen(self, answers: list[SiloAnswer], key: str) -> list[SiloAnswer]:
+        parsed = []
+        for a in answers:
+            if key not in a.arrays:
+                continue
+            try:
+                self.state.adder([a.arrays[key]])
+                parsed.append(a)
+            except (PolicyError, ValueError) as exc:
+                self._reject(a, f"{key} does not parse under the study context: {exc}")
+        shapes = Counter((a.arrays[key].dtype.str, a.arrays[key].shape) for a in parsed)
+        if not shapes:
+            return parsed
+        common, _ = shapes.most_common(1)[0]
+        good = [a for a in parsed if (a.arrays[key].dtype.str, a.arrays[key].shape) == common]
+        for a in parsed:
+            if a not in good:
+                self._reject(a, f"{key} has another size or type than the other silos' contributions")
+        return [a for a in answers if a in good or key not in a.arrays]
+
+    def _reject(self, answer: SiloAnswer, reason: str) -> None:
+        self.rejected[answer.reply.silo] = reason[:300]
+        self.audit.append("reply.rejected", answer.reply.silo, {"node": str(answer.node_id), "round": answer.reply.round,
+                                                                "reason": reason[:300]})
 
     def _require_quorum(self, ok: list[SiloAnswer], what: str) -> None:
         if len(ok) < self.study.min_silos:
@@ -155,7 +188,7 @@ class StudyRunner:
 
     def stats_round(self, nodes: list[int]) -> list[int]:
         answers, _ = self.exchange(nodes, m.STATS, 0, {})
-        ok = self._ok(answers, m.MOMENTS)
+        ok = self._ok(answers, m.MOMENTS, screen=(m.MOMENTS,))
         self._require_quorum(ok, "statistics round")
         self.state.add_stats([a.arrays[m.MOMENTS] for a in ok])
         self.names = {a.node_id: a.reply.silo for a in ok}
@@ -199,13 +232,15 @@ class StudyRunner:
         t0 = time.monotonic()
         history = self._history()
         answers, dropped = self.exchange(nodes, m.TRAIN, round_no, history)
-        ok = self._ok(answers, m.UPDATE)
+        self.rejected = {}
+        ok = self._ok(answers, m.UPDATE, screen=(m.UPDATE, m.EVAL))
         record = RoundRecord(
             round=round_no,
-            asked=[str(n) for n in nodes],
+            asked=[self.names.get(n, str(n)) for n in nodes],
             replied=[a.reply.silo for a in ok],
             refused={a.reply.silo: a.reply.reason for a in answers if a.reply.status != "ok"}
-            | {str(n): "no reply in time" for n in dropped},
+            | {self.names.get(n, str(n)): "no reply in time" for n in dropped}
+            | {silo: f"rejected by the coordinator: {why}" for silo, why in self.rejected.items()},
         )
         self.state.rounds.append(record)
         self._require_quorum(ok, f"round {round_no}")
@@ -225,7 +260,7 @@ class StudyRunner:
     def final_round(self, nodes: list[int]) -> None:
         """Evaluate the final model, then have the silos reveal its pooled counts (rounded)."""
         answers, _ = self.exchange(nodes, m.EVALUATE, len(self.state.aggregates), self._history())
-        ok = self._ok(answers, m.EVAL)
+        ok = self._ok(answers, m.EVAL, screen=(m.EVAL,))
         self._require_quorum(ok, "final evaluation")
         reports = {a.reply.silo: a.reply.report_dict() for a in ok}
         self._absorb_evaluations(ok, None)
