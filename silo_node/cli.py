@@ -29,6 +29,54 @@ def _validate(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _summary(study) -> str:
+    privacy = (f"DP-SGD, epsilon {study.dp.epsilon:g}, delta {study.dp.delta:g} per silo for the whole study"
+               if study.dp else "none (no differential privacy)")
+    return "\n".join([
+        f"Study      : {study.id} v{study.version}: {study.name}",
+        f"Policy hash: {study.policy_hash()}",
+        f"Purpose    : {study.governance.purpose}",
+        f"Controller : {study.governance.data_controller}",
+        f"Ethics     : {study.governance.ethics_reference}",
+        f"Retention  : {study.governance.retention}",
+        f"Training   : {study.training.strategy}, {study.training.rounds} rounds x {study.training.local_steps} steps",
+        f"Encryption : {study.encryption}",
+        f"Privacy    : {privacy}",
+        f"Min silos  : {study.min_silos}; small cells below {study.small_cell_min} suppressed",
+    ])
+
+
+def _approve(args: argparse.Namespace) -> int:
+    """Silo IT reads the study, checks the budget fits, pins peers, and approves this exact hash."""
+    from silo_node.approval import approve
+    from silo_node.keys import EnrolmentKey
+    from silo_node.ledger import SiloBudget
+
+    study = load_study(args.study)
+    state_dir = Path(args.state_dir).resolve()
+    print(_summary(study))
+    print(f"This silo's enrolment key fingerprint (read it to the other hospitals):\n  "
+          f"{EnrolmentKey.load_or_create(state_dir).fingerprint()}")
+    if study.dp:
+        decision = SiloBudget(state_dir).fits(study.dp.epsilon, study.id)
+        if not decision.allowed:
+            print(f"WARNING: {decision.reason}", file=sys.stderr)
+            return 1
+    if not args.pin:
+        print("WARNING: no peer fingerprints pinned: this silo would seal the study key to any key the "
+              "coordinator relays. Pin each peer with --pin after comparing fingerprints out of band.", file=sys.stderr)
+    if not args.yes:
+        answer = input(f"Approve study {study.id} policy {study.policy_hash()[:12]}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("not approved")
+            return 1
+    if study.dp:
+        SiloBudget(state_dir).reserve(study.id, study.dp, study.policy_hash())
+    approval = approve(state_dir, study, args.pin, args.by)
+    print(f"approved {study.id} policy {approval.policy_hash[:12]} with {len(approval.pins)} pinned peer(s)")
+    return 0
+
+
 def _start(args: argparse.Namespace) -> int:
     """Validate, load the cohort into the resident service, then join via a SuperNode."""
     from silo_node.service import serve
@@ -42,6 +90,11 @@ def _start(args: argparse.Namespace) -> int:
         return 1
     state_dir = Path(args.state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
+    from silo_node.approval import approve, load_approval, require_approval
+
+    if load_approval(state_dir, study) is None and args.insecure_local_demo:
+        approve(state_dir, study, [], "local-demo (trust on first use)")
+    require_approval(state_dir, study)
     silo = Silo.from_cohort(args.name, study, args.cohort, state_dir=state_dir)
     silo.warm_up()
     node_config = (
@@ -83,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--cohort", required=True, help="local cohort, Parquet")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.set_defaults(func=_validate)
+    a = sub.add_parser("approve", help="read a study, check the privacy budget fits, pin peers, approve its hash")
+    a.add_argument("--study", required=True)
+    a.add_argument("--state-dir", required=True)
+    a.add_argument("--pin", action="append", default=[], metavar="FINGERPRINT",
+                   help="a peer silo's enrolment fingerprint, compared out of band (repeat per peer)")
+    a.add_argument("--by", default="silo-it", help="who approves (recorded)")
+    a.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    a.set_defaults(func=_approve)
     s = sub.add_parser("start", help="validate, then serve the study through a Flower SuperNode")
     s.add_argument("--study", required=True)
     s.add_argument("--cohort", required=True)

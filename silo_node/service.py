@@ -10,6 +10,7 @@ the silo owns.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import traceback
@@ -80,6 +81,9 @@ def _enrol(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
 def _keygen(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
     peers = {k[len("peer_"):]: _bytes(v) for k, v in arrays.items() if k.startswith("peer_")}
     aggregator, sealed = silo.make_study_key(peers)
+    for peer in sorted(set(peers) - set(sealed)):  # not pinned by silo IT: possibly substituted
+        if silo.audit is not None:
+            silo.audit.append("key.refused_unpinned", f"node-{peer}", {"fingerprint": hashlib.sha256(peers[peer]).hexdigest()})
     return {m.AGG_CTX: _u8(aggregator), **{m.sealed_key(p): _u8(b) for p, b in sealed.items()}}, None, None
 
 
@@ -129,6 +133,7 @@ def serve(state_dir: Path, silo, stop: Callable[[], bool] = lambda: False) -> No
     if path.exists():
         path.unlink()
     log = open_party_log(state_dir, silo.name, "silo")
+    silo.audit = log
     outbox: dict[tuple[str, int, str], Payload] = {}
     log.append("silo.started", silo.study.id, {
         "policy_hash": silo.study.policy_hash(),

@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -41,6 +41,7 @@ class Silo:
     design: Design
     state_dir: Path | None = None  # ledger and keys live here; required for DP or CKKS studies
     _codec: Codec | None = field(default=None, repr=False)
+    audit: Any = field(default=None, repr=False)  # the silo's own AuditLog, set by the service
 
     @classmethod
     def from_cohort(cls, name: str, study: StudySpec, cohort: str | Path, state_dir: Path | None = None) -> "Silo":
@@ -112,16 +113,25 @@ class Silo:
         """Key ceremony at the first silo: make the CKKS key, keep it, seal it to each peer.
 
         Returns the keyless aggregator context (all the coordinator may hold) and one
-        sealed blob per peer that only that peer's enrolment key opens.
+        sealed blob per trusted peer that only that peer's enrolment key opens. When silo
+        IT pinned fingerprints, a peer whose key is not pinned (substituted?) gets nothing.
         """
         from policies.ckks import aggregator_context_bytes, new_secret_context, secret_context_bytes
         from silo_node.keys import seal, store_study_secret
 
+        from silo_node.approval import load_approval
+        from silo_node.keys import fingerprint_matches
+
+        state_dir = self._require_state_dir("CKKS")
+        approval = load_approval(state_dir, self.study)
+        pins = set(approval.pins) if approval else set()
+        trusted = {p: pub for p, pub in peers.items()
+                   if not pins or any(fingerprint_matches(pub, pin) for pin in pins)}
         ctx = new_secret_context(self.study.ckks)
         secret = secret_context_bytes(ctx)
-        store_study_secret(self._require_state_dir("CKKS"), self.study.id, secret, replace=True)
+        store_study_secret(state_dir, self.study.id, secret, replace=True)
         self._codec = None
-        sealed = {peer: seal(pub, secret, self._context_info()) for peer, pub in peers.items()}
+        sealed = {peer: seal(pub, secret, self._context_info()) for peer, pub in trusted.items()}
         return aggregator_context_bytes(ctx), sealed
 
     def receive_study_key(self, sealed: bytes) -> None:

@@ -63,3 +63,18 @@ def test_supernode_launcher_internals_still_there():
     from silo_node.supernode_launcher import check_internals
 
     check_internals()
+
+
+def test_approve_shows_the_study_and_records_its_hash(tmp_path):
+    state = tmp_path / "state"
+    proc = run("approve", "--study", str(shipped_study()), "--state-dir", str(state), "--yes",
+               "--pin", "ab12 cd34", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Policy hash" in proc.stdout and "enrolment key fingerprint" in proc.stdout
+    assert "epsilon 1" in proc.stdout
+    from policies.study import load_study
+    from silo_node.approval import require_approval
+
+    approval = require_approval(state, load_study(shipped_study()))
+    assert approval.pins == ("ab12cd34",)
+    assert (state / "keys" / "enrolment.key").stat().st_mode & 0o077 == 0

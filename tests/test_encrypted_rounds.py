@@ -68,3 +68,33 @@ def test_plaintext_vector_is_refused_by_an_encrypted_silo(tmp_path):
     silos, state, _ = _run(_study("ckks"), tmp_path, ceremony=True)
     with pytest.raises(PolicyError, match="ciphertext"):
         silos[0].global_weights([np.zeros(16)])
+
+
+def test_key_holder_seals_only_to_pinned_peers(tmp_path):
+    """A key the coordinator substituted (not pinned by silo IT) gets no sealed study key."""
+    from silo_node.approval import approve, require_approval
+    from silo_node.keys import EnrolmentKey
+
+    study = _study("ckks")
+    silos = [Silo.from_cohort(n, study, p, state_dir=tmp_path / n) for n, p in sample_cohorts().items()]
+    holder, peers = silos[0], silos[1:]
+    pins = [EnrolmentKey.load_or_create(tmp_path / s.name).fingerprint() for s in peers]
+    approve(tmp_path / holder.name, study, pins, "test")
+    assert require_approval(tmp_path / holder.name, study).pins
+    impostor = EnrolmentKey.load_or_create(tmp_path / "coordinator-impostor").public_bytes()
+    relayed = {s.name: s.enrolment_public() for s in peers[:2]} | {peers[2].name: impostor}
+    _, sealed = holder.make_study_key(relayed)
+    assert set(sealed) == {peers[0].name, peers[1].name}
+    peers[0].receive_study_key(sealed[peers[0].name])
+    with pytest.raises(PolicyError):
+        peers[2].receive_study_key(holder.make_study_key({peers[2].name: peers[0].enrolment_public()})[1][peers[2].name])
+
+
+def test_changed_policy_needs_new_approval(tmp_path):
+    from silo_node.approval import approve, require_approval
+
+    study = _study("ckks")
+    approve(tmp_path, study, [], "test")
+    changed = study.model_copy(update={"min_silos": 4})
+    with pytest.raises(PolicyError, match="approved again"):
+        require_approval(tmp_path, changed)
