@@ -19,11 +19,12 @@ pytestmark = pytest.mark.slow
 ROUNDS = 2
 
 
-def _demo(state, *extra: str) -> tuple[dict, str]:
+def _demo(state, *extra: str, rounds: int | None = ROUNDS) -> tuple[dict, str]:
     out = state / "summary.json"
+    rounds_args = ("--rounds", str(rounds)) if rounds else ()
     proc = subprocess.run(
         [sys.executable, "-m", "coordinator.cli", "demo", "--state-dir", str(state), "--json", str(out),
-         "--rounds", str(ROUNDS), "--timeout", "400", *extra],
+         "--timeout", "400", *rounds_args, *extra],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -167,3 +168,43 @@ def test_coordinator_never_holds_the_secret_key(dp_run):
             assert probe not in path.read_bytes(), f"secret-key bytes found in {path}"
     for path in (state / "silos" / "va" / "keys").iterdir():
         assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others"
+
+
+def test_manual_approval_gate_waits_then_runs(tmp_path):
+    """`approval: manual`: the ServerApp waits for a named user's approval in the store."""
+    import threading
+    import time
+
+    from coordinator.store import open_store
+
+    data = load_study(shipped_study()).model_dump(mode="json")
+    data.update(privacy="none", encryption="none", approval={"mode": "manual", "auto_rounds": 0})
+    data["training"]["rounds"] = 1
+    study_path = tmp_path / "manual.yaml"
+    study_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    state = tmp_path / "state"
+    seen: dict[str, object] = {}
+
+    def lead() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                store = open_store(None, state)
+                rnd = store.get_round("heart-disease", 1)
+                if rnd is not None and rnd.status == "waiting_approval":
+                    time.sleep(3)  # the gate must hold while nobody decides
+                    seen["still_waiting"] = store.get_round("heart-disease", 1).status
+                    store.record_approval("heart-disease", 1, "approve", "lead-alice", "looks fine")
+                    return
+            except Exception:  # the store may not exist yet
+                pass
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=lead, daemon=True)
+    thread.start()
+    summary, _ = _demo(state, "--study", str(study_path), rounds=None)
+    thread.join(timeout=10)
+    assert seen.get("still_waiting") == "waiting_approval"
+    assert summary["status"] == "completed" and summary["rounds"] == 1
+    approvals = open_store(None, state).list_approvals("heart-disease")
+    assert [(a.user, a.decision) for a in approvals] == [("lead-alice", "approve")]
