@@ -70,8 +70,17 @@ def _approve(args: argparse.Namespace) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             print("not approved")
             return 1
+    if args.silo_total_epsilon is not None:
+        SiloBudget(state_dir).set_total_epsilon(args.silo_total_epsilon)
     if study.dp:
         SiloBudget(state_dir).reserve(study.id, study.dp, study.policy_hash())
+        if args.epsilon_ceiling is not None:
+            from silo_node.ledger import PrivacyLedger
+
+            ledger = PrivacyLedger.load(state_dir, study.id, policy_hash=study.policy_hash(), privacy=study.dp)
+            ledger.set_ceiling(args.epsilon_ceiling)
+            print(f"this silo's ceiling for {study.id}: epsilon {args.epsilon_ceiling:g} "
+                  f"(study budget {study.dp.epsilon:g}); the coordinator cannot raise it")
     approval = approve(state_dir, study, args.pin, args.by)
     print(f"approved {study.id} policy {approval.policy_hash[:12]} with {len(approval.pins)} pinned peer(s)")
     return 0
@@ -142,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--pin", action="append", default=[], metavar="FINGERPRINT",
                    help="a peer silo's enrolment fingerprint, compared out of band (repeat per peer)")
     a.add_argument("--by", default="silo-it", help="who approves (recorded)")
+    a.add_argument("--epsilon-ceiling", type=float, help="this hospital's lower epsilon cap for this study")
+    a.add_argument("--silo-total-epsilon", type=float, help="cap on the sum of all studies' epsilon at this silo")
     a.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     a.set_defaults(func=_approve)
     s = sub.add_parser("start", help="validate, then serve the study through a Flower SuperNode")
