@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -22,6 +23,7 @@ from policies.errors import PolicyError
 from policies.study import load_study, shipped_study
 from policies.validation import validate_cohort
 from coordinator.demo import run_local_study, sample_cohorts
+from coordinator.users import ensure_demo_lead, register_cli as register_users_cli
 
 # FLamby Fed-Heart-Disease published means over the 4 hospitals (see ../shared/BENCHMARKS.md)
 FLAMBY = {"FedAvg (FLamby)": 0.6850, "FedYogi (FLamby, best federated)": 0.7314, "pooled training (FLamby)": 0.7353}
@@ -105,6 +107,20 @@ def demo_json(summary: dict) -> dict:
     }
 
 
+def _print_demo_lead(console: Console, state_dir: Path) -> None:
+    """The demo's study lead account for `make ui`: a random password, shown once, kept 0600."""
+    from coordinator.store import open_store
+
+    store = open_store(None, state_dir)
+    try:
+        name, password = ensure_demo_lead(store, state_dir)
+    finally:
+        store.close()
+    if password:
+        console.print(f"web UI account: [bold]{name}[/] / [bold]{password}[/] (shown once; also in "
+                      f"{state_dir / 'coordinator' / 'lead-password.txt'}, mode 0600). Start it with `make ui`.")
+
+
 def _demo(args: argparse.Namespace) -> int:
     console = Console()
     state_dir = Path(args.state_dir).resolve()
@@ -145,6 +161,7 @@ def _demo(args: argparse.Namespace) -> int:
         console.print(f"[red]study did not complete[/]: {summary.get('reason')}")
         return 1
     print_results(console, summary)
+    _print_demo_lead(console, state_dir)
     console.print(f"wall time {summary['wall_seconds']:.1f} s; all processes stopped. Summary: {state_dir / 'coordinator' / 'demo_summary.json'}")
     return 0
 
@@ -171,6 +188,15 @@ def _audit_verify(args: argparse.Namespace) -> int:
     return 0 if all(r.ok for _, r in results) else 1
 
 
+def _ui(args: argparse.Namespace) -> int:
+    """Serve the web UI; replaces this process with `python -m ui` (ui imports coordinator, not the reverse)."""
+    argv = [sys.executable, "-m", "ui", "--state-dir", args.state_dir, "--address", args.address, "--port", str(args.port)]
+    if args.db_url:
+        argv += ["--db-url", args.db_url]
+    os.execv(sys.executable, argv)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coordinator", description="fedcohort coordinator")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     v = audit_sub.add_parser("verify", help="verify exported bundles; names the first broken entry")
     v.add_argument("bundles", nargs="+", help="bundle zip files or directories")
     v.set_defaults(func=_audit_verify)
+    u = sub.add_parser("ui", help="serve the web UI (Streamlit) over the coordinator's store")
+    u.add_argument("--state-dir", default=".fedcohort")
+    u.add_argument("--db-url", help="SQLAlchemy URL of a shared store (default: SQLite under the state dir)")
+    u.add_argument("--address", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=8501)
+    u.set_defaults(func=_ui)
+    register_users_cli(sub)
     return parser
 
 
