@@ -110,7 +110,9 @@ class StudyRunner:
         try:
             reply = m.Reply.model_validate(dict(rep.content.config_records[m.HEADER]))
             m.check_reply(reply, req)
-        except (KeyError, ValueError):
+        except (KeyError, ValueError) as exc:  # malformed, replayed (old nonce), wrong study or round
+            self.audit.append("reply.rejected", f"node-{node}", {"node": str(node), "round": req.round,
+                                                                 "reason": f"{type(exc).__name__}: {str(exc)[:200]}"})
             return None
         arrays = {k: v.numpy() for k, v in rep.content.array_records.get(m.ARRAYS, ArrayRecord()).items()}
         if reply.audit_seq:
@@ -167,7 +169,8 @@ class StudyRunner:
         answers, _ = self.exchange(nodes, m.ENROL, 0, {})
         enrolled = {a.node_id: a for a in self._ok(answers, m.ENROL_PUB)}
         self._require_quorum(list(enrolled.values()), "key ceremony (enrolment keys)")
-        holder, peers = min(enrolled), sorted(n for n in enrolled if n != min(enrolled))
+        holder = self._key_holder(enrolled)
+        peers = sorted(n for n in enrolled if n != holder)
         for node, a in enrolled.items():
             self.audit.append("key.enrolment_seen", a.reply.silo, {
                 "node": str(node), "fingerprint": hashlib.sha256(a.arrays[m.ENROL_PUB].tobytes()).hexdigest()})
@@ -185,6 +188,16 @@ class StudyRunner:
         self.state.adder = lambda arrays: sum_encrypted_uint8(context, arrays)
         self.audit.append("key.ceremony_done", self.study.id, {"holder": made[0].reply.silo, "members": len(members)})
         return members
+
+    def _key_holder(self, enrolled: dict[int, SiloAnswer]) -> int:
+        """The silo the policy names as key holder, or (no name) the lowest node id."""
+        wanted = self.study.ckks.key_holder
+        if wanted is None:
+            return min(enrolled)
+        for node, answer in enrolled.items():
+            if answer.reply.silo == wanted:
+                return node
+        raise PolicyError(f"key ceremony: the policy's key holder '{wanted}' is not among the enrolled silos")
 
     def stats_round(self, nodes: list[int]) -> list[int]:
         answers, _ = self.exchange(nodes, m.STATS, 0, {})

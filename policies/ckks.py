@@ -67,6 +67,7 @@ class CkksParams(BaseModel):
     coeff_mod_bit_sizes: list[int] = [60, 49]
     scale_bits: int = Field(40, ge=1)
     max_silos: int = Field(16, ge=1, le=1 << 20)
+    key_holder: str | None = None  # the silo that makes the study key (default: the first to enrol)
 
     @model_validator(mode="after")
     def _secure(self) -> "CkksParams":

@@ -175,8 +175,10 @@ def test_coordinator_never_holds_the_secret_key(dp_run):
     state, summary, _ = dp_run
     study = load_study(state / "study.yaml")
     assert study.encryption == "ckks"
-    actions = [json.loads(line)["action"] for line in (state / "coordinator" / "audit.jsonl").read_text().splitlines()]
-    assert "key.ceremony_done" in actions
+    entries = [json.loads(line) for line in (state / "coordinator" / "audit.jsonl").read_text().splitlines()]
+    ceremony = [e for e in entries if e["action"] == "key.ceremony_done"]
+    assert len(ceremony) == 1 and ceremony[0]["details"]["holder"] == study.ckks.key_holder == "cleveland"
+    assert sum(e["action"] == "key.enrolment_seen" for e in entries) == 4
     secrets_at_silos = [load_study_secret(state / "silos" / s, study.id) for s in ("cleveland", "va")]
     assert secrets_at_silos[0] == secrets_at_silos[1]  # the sealed copy opened to the same key
     assert has_secret_key(load_context(secrets_at_silos[0], study.ckks))
