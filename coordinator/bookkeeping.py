@@ -56,9 +56,12 @@ class StudyBook:
         if status == "draft":
             self._move("open")
         for silo in silos:
-            self.store.record_enrolment(self.spec.id, silo, "validated", version=self.spec.version)
+            self.enrol(silo)
         if self.store.get_study(self.spec.id, version=self.spec.version).status == "open":
             self._move("running")
+
+    def enrol(self, silo: str) -> None:
+        self.store.record_enrolment(self.spec.id, silo, "validated", version=self.spec.version)
 
     def approve(self, round_no: int, poll: float = 1.0) -> None:
         """Wait (cheaply) until the round is approved; a rejection stops the study."""

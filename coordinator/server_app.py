@@ -55,6 +55,8 @@ class StudyRunner:
         self.names: dict[int, str] = {}  # node id -> silo name (display; identities come with node auth)
         self._booked: set[int] = set()
         self.rejected: dict[str, str] = {}  # silo -> why its reply was dropped (this phase)
+        self.holder: int | None = None  # node of the CKKS key holder
+        self.not_admitted: set[int] = set()  # late nodes that could not join (no key, refused)
 
     # ---- transport ----------------------------------------------------------------
     def wait_for_silos(self) -> list[int]:
@@ -183,11 +185,42 @@ class StudyRunner:
         answers, _ = self.exchange(peers, m.KEYRECV, 0, {}, per_node=sealed)
         received = [a.node_id for a in answers if a.reply.status == "ok"]
         members = sorted([holder, *received])
+        self.holder = holder
         self._require_quorum([enrolled[n] for n in members], "key ceremony (sealed keys opened)")
         context = load_context(made[0].arrays[m.AGG_CTX].tobytes(), self.study.ckks)
         self.state.adder = lambda arrays: sum_encrypted_uint8(context, arrays)
         self.audit.append("key.ceremony_done", self.study.id, {"holder": made[0].reply.silo, "members": len(members)})
         return members
+
+    def admit_late_silos(self, nodes: list[int]) -> list[int]:
+        """Silos that connect after the start join from the next round.
+
+        Under CKKS the key holder seals the study key to each newcomer's enrolment key (pins
+        apply); a newcomer normalises with the pooled statistics of the silos that started.
+        """
+        new = sorted(set(self.grid.get_node_ids()) - set(nodes) - self.not_admitted)
+        if not new:
+            return nodes
+        joined = new
+        if self.study.encryption == "ckks":
+            answers, _ = self.exchange(new, m.ENROL, 0, {})
+            enrolled = {a.node_id: a for a in self._ok(answers, m.ENROL_PUB)}
+            sealed: dict[int, dict[str, np.ndarray]] = {}
+            if enrolled:
+                peer_keys = {m.peer_key(str(n)): a.arrays[m.ENROL_PUB] for n, a in enrolled.items()}
+                shared, _ = self.exchange([self.holder], m.KEYSHARE, 0, peer_keys)
+                out = shared[0].arrays if shared and shared[0].reply.status == "ok" else {}
+                sealed = {n: {m.SEALED: out[m.sealed_key(str(n))]} for n in enrolled if m.sealed_key(str(n)) in out}
+            answers, _ = self.exchange(sorted(sealed), m.KEYRECV, 0, {}, per_node=sealed) if sealed else ([], [])
+            joined = sorted(a.node_id for a in answers if a.reply.status == "ok")
+            self.names.update({n: enrolled[n].reply.silo for n in joined})
+        self.not_admitted |= set(new) - set(joined)
+        for node in joined:
+            name = self.names.get(node, str(node))
+            self.audit.append("silo.joined_late", name, {"node": str(node), "before_round": len(self.state.aggregates) + 1})
+            if self.book:
+                self.book.enrol(name)
+        return sorted([*nodes, *joined])
 
     def _key_holder(self, enrolled: dict[int, SiloAnswer]) -> int:
         """The silo the policy names as key holder, or (no name) the lowest node id."""
@@ -258,6 +291,7 @@ class StudyRunner:
         self.state.rounds.append(record)
         self._require_quorum(ok, f"round {round_no}")
         self.state.add_round([a.arrays[m.UPDATE] for a in ok])
+        self.names.update({a.node_id: a.reply.silo for a in ok})
         self._absorb_evaluations(ok, record)
         record.per_silo = {a.reply.silo: a.reply.report_dict() for a in ok}
         for a in ok:
@@ -306,7 +340,9 @@ class StudyRunner:
                 if self.book:
                     self.write(f"round {r} waiting for approval")
                     self.book.approve(r)
-                    self.book.round_started(r, [self.names[n] for n in nodes])
+                nodes = self.admit_late_silos(nodes)  # after the wait: whoever connected meanwhile
+                if self.book:
+                    self.book.round_started(r, [self.names.get(n, str(n)) for n in nodes])
                 self.write(f"round {r} running")
                 self.train_round(nodes, r)
                 if self.book:

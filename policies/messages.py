@@ -20,6 +20,7 @@ from policies.errors import PolicyError
 ENROL = "query.enrol"  # key ceremony 1: each silo's enrolment public key
 KEYGEN = "query.keygen"  # key ceremony 2: one silo makes the CKKS key, seals it to the others
 KEYRECV = "query.keyrecv"  # key ceremony 3: each other silo opens its sealed copy
+KEYSHARE = "query.keyshare"  # a silo joining later: the key holder seals the same key to it
 STATS = "query.stats"  # round 0: normalisation moments
 TRAIN = "train"
 EVALUATE = "evaluate"

@@ -45,6 +45,11 @@ def keygen(msg: Message, context: Context) -> Message:
     return _relay(msg, context, m.KEYGEN)
 
 
+@app.query("keyshare")
+def keyshare(msg: Message, context: Context) -> Message:
+    return _relay(msg, context, m.KEYSHARE)
+
+
 @app.query("keyrecv")
 def keyrecv(msg: Message, context: Context) -> Message:
     return _relay(msg, context, m.KEYRECV)

@@ -81,10 +81,21 @@ def _enrol(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
 def _keygen(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
     peers = {k[len("peer_"):]: _bytes(v) for k, v in arrays.items() if k.startswith("peer_")}
     aggregator, sealed = silo.make_study_key(peers)
+    _log_unpinned(silo, peers, sealed)
+    return {m.AGG_CTX: _u8(aggregator), **{m.sealed_key(p): _u8(b) for p, b in sealed.items()}}, None, None
+
+
+def _keyshare(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
+    peers = {k[len("peer_"):]: _bytes(v) for k, v in arrays.items() if k.startswith("peer_")}
+    sealed = silo.share_study_key(peers)
+    _log_unpinned(silo, peers, sealed)
+    return {m.sealed_key(p): _u8(b) for p, b in sealed.items()}, None, None
+
+
+def _log_unpinned(silo, peers: dict[str, bytes], sealed: dict[str, bytes]) -> None:
     for peer in sorted(set(peers) - set(sealed)):  # not pinned by silo IT: possibly substituted
         if silo.audit is not None:
             silo.audit.append("key.refused_unpinned", f"node-{peer}", {"fingerprint": hashlib.sha256(peers[peer]).hexdigest()})
-    return {m.AGG_CTX: _u8(aggregator), **{m.sealed_key(p): _u8(b) for p, b in sealed.items()}}, None, None
 
 
 def _keyrecv(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
@@ -120,7 +131,7 @@ def _reveal(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
 
 
 _WORK: dict[str, Callable] = {
-    m.ENROL: _enrol, m.KEYGEN: _keygen, m.KEYRECV: _keyrecv, m.STATS: _stats,
+    m.ENROL: _enrol, m.KEYGEN: _keygen, m.KEYSHARE: _keyshare, m.KEYRECV: _keyrecv, m.STATS: _stats,
     m.TRAIN: _train, m.EVALUATE: _evaluate, m.REVEAL: _reveal,
 }
 

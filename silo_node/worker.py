@@ -110,29 +110,35 @@ class Silo:
         return EnrolmentKey.load_or_create(self._require_state_dir("CKKS")).public_bytes()
 
     def make_study_key(self, peers: dict[str, bytes]) -> tuple[bytes, dict[str, bytes]]:
-        """Key ceremony at the first silo: make the CKKS key, keep it, seal it to each peer.
+        """Key ceremony at the key-holding silo: make the CKKS key, keep it, seal it to each peer.
 
         Returns the keyless aggregator context (all the coordinator may hold) and one
-        sealed blob per trusted peer that only that peer's enrolment key opens. When silo
-        IT pinned fingerprints, a peer whose key is not pinned (substituted?) gets nothing.
+        sealed blob per trusted peer that only that peer's enrolment key opens.
         """
         from policies.ckks import aggregator_context_bytes, new_secret_context, secret_context_bytes
-        from silo_node.keys import seal, store_study_secret
+        from silo_node.keys import store_study_secret
 
-        from silo_node.approval import load_approval
-        from silo_node.keys import fingerprint_matches
-
-        state_dir = self._require_state_dir("CKKS")
-        approval = load_approval(state_dir, self.study)
-        pins = set(approval.pins) if approval else set()
-        trusted = {p: pub for p, pub in peers.items()
-                   if not pins or any(fingerprint_matches(pub, pin) for pin in pins)}
         ctx = new_secret_context(self.study.ckks)
         secret = secret_context_bytes(ctx)
-        store_study_secret(state_dir, self.study.id, secret, replace=True)
+        store_study_secret(self._require_state_dir("CKKS"), self.study.id, secret, replace=True)
         self._codec = None
-        sealed = {peer: seal(pub, secret, self._context_info()) for peer, pub in trusted.items()}
-        return aggregator_context_bytes(ctx), sealed
+        return aggregator_context_bytes(ctx), self._seal_to_trusted(secret, peers)
+
+    def share_study_key(self, peers: dict[str, bytes]) -> dict[str, bytes]:
+        """A silo that joins later gets the same key, sealed the same way."""
+        from silo_node.keys import load_study_secret
+
+        return self._seal_to_trusted(load_study_secret(self._require_state_dir("CKKS"), self.study.id), peers)
+
+    def _seal_to_trusted(self, secret: bytes, peers: dict[str, bytes]) -> dict[str, bytes]:
+        """Seal to each peer; when silo IT pinned fingerprints, a key not pinned (substituted?) gets nothing."""
+        from silo_node.approval import load_approval
+        from silo_node.keys import fingerprint_matches, seal
+
+        approval = load_approval(self._require_state_dir("CKKS"), self.study)
+        pins = approval.pins if approval else ()
+        return {peer: seal(pub, secret, self._context_info()) for peer, pub in peers.items()
+                if not pins or any(fingerprint_matches(pub, pin) for pin in pins)}
 
     def receive_study_key(self, sealed: bytes) -> None:
         from silo_node.keys import EnrolmentKey, store_study_secret

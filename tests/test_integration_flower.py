@@ -228,3 +228,47 @@ def test_manual_approval_gate_waits_then_runs(tmp_path):
     assert summary["status"] == "completed" and summary["rounds"] == 1
     approvals = open_store(None, state).list_approvals("heart-disease")
     assert [(a.user, a.decision) for a in approvals] == [("lead-alice", "approve")]
+
+
+def test_late_silo_receives_the_key_and_joins(tmp_path):
+    """A silo that connects after the key ceremony gets the same key, sealed by the key
+    holder, and contributes from the next round on."""
+    import time
+
+    from coordinator.demo import read_summary
+    from coordinator.runtime import SiloSpec, local_federation
+    from coordinator.store import open_store
+    from silo_node.keys import load_study_secret
+
+    data = load_study(shipped_study()).model_dump(mode="json")
+    data["training"]["rounds"] = 3
+    data["approval"] = {"mode": "auto", "auto_rounds": 1}  # round 2 waits for the lead
+    study_path = tmp_path / "study.yaml"
+    study_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    study = load_study(study_path)
+    cohorts = sample_cohorts()
+    summary_path = tmp_path / "coordinator" / "summary.json"
+    with local_federation(tmp_path / "runtime") as fed:
+        fed.start_superlink()
+        for name in ("cleveland", "hungary", "switzerland"):
+            fed.start_silo(SiloSpec(name, cohorts[name], study_path, tmp_path / "silos" / name))
+        fed.submit({"study-path": str(study_path), "state-dir": str(tmp_path), "expected-silos": 3})
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and "round 2 waiting" not in (read_summary(summary_path) or {}).get("status", ""):
+            time.sleep(0.5)
+        late = fed.start_silo(SiloSpec("va", cohorts["va"], study_path, tmp_path / "silos" / "va"))
+        while time.monotonic() < deadline and "SuperNode ID" not in late.log.read_text():
+            time.sleep(0.5)
+        store = open_store(None, tmp_path)
+        for r in (2, 3):
+            store.record_approval("heart-disease", r, "approve", "lead-alice")
+        while time.monotonic() < deadline and (read_summary(summary_path) or {}).get("status") not in ("completed", "stopped"):
+            time.sleep(0.5)
+    summary = read_summary(summary_path)
+    assert summary["status"] == "completed", summary.get("reason")
+    assert "va" not in summary["history"][0]["replied"]
+    assert "va" in summary["history"][1]["replied"] and "va" in summary["history"][2]["replied"]
+    assert "va" in summary["final"]["per_silo"]
+    assert load_study_secret(tmp_path / "silos" / "va", study.id) == load_study_secret(tmp_path / "silos" / "cleveland", study.id)
+    actions = [json.loads(line)["action"] for line in (tmp_path / "coordinator" / "audit.jsonl").read_text().splitlines()]
+    assert "silo.joined_late" in actions
