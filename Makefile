@@ -21,7 +21,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/accuracy_heart.py
-	$(PY) bench/ckks_aggregation.py
+	$(PY) bench/he_aggregation.py
+	$(PY) bench/he_precision.py
 	$(PY) bench/dp_cost.py
 	$(PY) bench/round_latency.py
 

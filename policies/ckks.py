@@ -54,7 +54,7 @@ MAX_PRIME_BITS = 60  # SEAL's limit for one RNS prime
 #: symmetric encryption is ~1.7x faster per ciphertext, adds less noise, makes the sealed
 #: secret context 3x smaller (no public key) and leaves no key with which anyone but a
 #: silo could encrypt. TenSEAL 0.3.18 does not emit seeded ciphertexts, so the wire size
-#: is the same as asymmetric (measured in bench/ckks_aggregation.py).
+#: is the same as asymmetric (measured with TenSEAL 0.3.18 while choosing the scheme).
 ENCRYPTION_TYPE = ts.ENCRYPTION_TYPE.SYMMETRIC
 
 
