@@ -34,7 +34,6 @@ import io
 import json
 import os
 import re
-import secrets
 import zipfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -48,6 +47,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from policies.durable import fsync_dir, link_no_clobber, temp_name, write_all, write_new_file
 from policies.errors import PolicyError
 from policies.study import canonical_json
 
@@ -175,28 +175,16 @@ def _create_key_file(path: Path, key: Ed25519PrivateKey) -> None:
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = temp_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        _write_new_file(tmp, pem, mode=0o600)
-        _link_no_clobber(tmp, path)
-        _fsync_dir(path.parent)
+        write_new_file(tmp, pem, mode=0o600)
+        link_no_clobber(tmp, path)
+        fsync_dir(path.parent)
     except OSError as exc:
         raise PolicyError(f"{path}: cannot create the party key: {exc.strerror or exc}") from exc
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _link_no_clobber(tmp: Path, path: Path) -> None:
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        pass  # someone else won the race: use their key
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
-            raise
-        if not path.exists():  # filesystem without hard links: best effort
-            os.rename(tmp, path)
 
 
 def _load_key_file(path: Path) -> Ed25519PrivateKey:
@@ -247,46 +235,16 @@ def _public_keys(public_keys: Mapping[str, bytes | str]) -> tuple[dict[str, Ed25
 # --------------------------------------------------------------------------- file helpers
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _write_new_file(path: Path, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        os.fchmod(fd, mode)  # the umask must not widen or narrow what we promise
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _replace_file(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Atomic write for exports: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = temp_name(path)
     try:
-        _write_new_file(tmp, data, mode)
+        write_new_file(tmp, data, mode)
         os.replace(tmp, path)
     except OSError as exc:
         raise PolicyError(f"{path}: cannot write: {exc.strerror or exc}") from exc
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a new file's name durable; some filesystems cannot, which is not fatal."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 @contextmanager
@@ -485,7 +443,7 @@ class AuditLog:
         finally:
             os.close(fd)  # also releases the lock
         if created:
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         return entry
 
     def witness(self, other_party: str, seq: int, head: str, actor: str | None = None) -> AuditEntry:

@@ -12,7 +12,6 @@ atomically (temp file, fsync, rename) so a crash never leaves half a key behind.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import hmac
 import os
@@ -26,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from policies.durable import fsync_dir, write_all, write_atomic
 from policies.errors import PolicyError
 
 KEYS_DIR = "keys"
@@ -103,7 +103,7 @@ class EnrolmentKey:
         if not path.exists():
             pem = X25519PrivateKey.generate().private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-            _write_atomic(path, pem, replace=False)
+            write_atomic(path, pem, replace=False)
         return cls(_load_private_key(path), path)
 
     def public_bytes(self) -> bytes:
@@ -152,7 +152,7 @@ def store_study_secret(state_dir: str | Path, study_id: str, secret_ctx_bytes: b
     path = _study_secret_path(state_dir, study_id)
     if path.exists() and not replace:
         raise PolicyError(f"{path}: a secret for study {study_id} is already stored; destroy it first or pass replace=True")
-    _write_atomic(path, bytes(secret_ctx_bytes), replace=True)
+    write_atomic(path, bytes(secret_ctx_bytes), replace=True)
     return path
 
 
@@ -172,12 +172,12 @@ def destroy_study_secret(state_dir: str | Path, study_id: str) -> bool:
     except FileNotFoundError:
         return False
     try:
-        _write_all(fd, bytes(os.fstat(fd).st_size))
+        write_all(fd, bytes(os.fstat(fd).st_size))
         os.fsync(fd)
     finally:
         os.close(fd)
     path.unlink()
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return True
 
 
@@ -218,55 +218,3 @@ def _read_private(path: Path, what: str) -> bytes:
     return data
 
 
-def _write_atomic(path: Path, data: bytes, *, replace: bool) -> None:
-    """Temp file (0600) + fsync, then rename (replace) or hard link (never clobbers a file
-    another process created meanwhile), then fsync the directory."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.fchmod(fd, 0o600)  # whatever the umask says
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if replace:
-            os.replace(tmp, path)
-        else:
-            _link_no_clobber(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        raise PolicyError(f"{path}: cannot write: {exc.strerror or exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _link_no_clobber(tmp: Path, path: Path) -> None:
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        pass  # another process won the race: everyone uses its key
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
-            raise
-        if not path.exists():  # filesystem without hard links: best effort
-            os.rename(tmp, path)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot; the file itself is synced
-    finally:
-        os.close(fd)
