@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from policies.audit import AUDIT_FILE, describe, open_party_log, verify_bundle
+from policies.audit import AUDIT_FILE, open_party_log, verify_bundles
 from policies.errors import PolicyError
 from policies.study import load_study, shipped_study
 from policies.validation import validate_cohort
@@ -182,10 +182,9 @@ def _audit_export(args: argparse.Namespace) -> int:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    results = [(p, verify_bundle(p)) for p in args.bundles]
-    for path, result in results:
-        print(describe(result, path))
-    return 0 if all(r.ok for _, r in results) else 1
+    ok, lines = verify_bundles(args.bundles)
+    print("\n".join(lines))
+    return 0 if ok else 1
 
 
 def _ui(args: argparse.Namespace) -> int:

@@ -1067,3 +1067,9 @@ def describe(result: VerifyResult, source: str) -> str:
     if result.ok:
         return f"{source}: OK, {result.entries} entries, chain intact, head seq {result.head_seq} {result.head}"
     return f"{source}: BROKEN: {result.problem} (intact prefix: {result.entries} entries)"
+
+
+def verify_bundles(paths: Iterable[str | Path]) -> tuple[bool, list[str]]:
+    """What `coordinator audit verify` and `silo-node audit verify` print: one line per bundle."""
+    results = [(str(p), verify_bundle(p)) for p in paths]
+    return all(r.ok for _, r in results), [describe(r, p) for p, r in results]

@@ -137,6 +137,27 @@ def _start(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_export(args: argparse.Namespace) -> int:
+    """Export this silo's own audit log for an auditor (JSONL, CSV, Parquet, manifest, zip)."""
+    from policies.audit import AUDIT_FILE, open_party_log
+
+    state_dir = Path(args.state_dir).resolve()
+    if not (state_dir / AUDIT_FILE).exists():
+        raise PolicyError(f"{state_dir / AUDIT_FILE}: no audit log in this state directory")
+    name = args.name or state_dir.name
+    bundle = open_party_log(state_dir, name, "silo").export(Path(args.out or state_dir / "exports").resolve(), actor=args.user)
+    print(bundle)
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from policies.audit import verify_bundles
+
+    ok, lines = verify_bundles(args.bundles)
+    print("\n".join(lines))
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="silo-node", description="fedcohort silo node (runs at the hospital)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--silo-total-epsilon", type=float, help="cap on the sum of all studies' epsilon at this silo")
     a.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     a.set_defaults(func=_approve)
+    audit = sub.add_parser("audit", help="export or verify this silo's tamper-evident audit log")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    e = audit_sub.add_parser("export", help="export this silo's audit log as a bundle")
+    e.add_argument("--state-dir", required=True)
+    e.add_argument("--out", help="directory for the bundle (default STATE/exports)")
+    e.add_argument("--name", help="this silo's name (default: the state directory's name)")
+    e.add_argument("--user", default="silo-it", help="who exports (recorded in the log)")
+    e.set_defaults(func=_audit_export)
+    av = audit_sub.add_parser("verify", help="verify exported bundles; names the first broken entry")
+    av.add_argument("bundles", nargs="+")
+    av.set_defaults(func=_audit_verify)
     s = sub.add_parser("start", help="validate, then serve the study through a Flower SuperNode")
     s.add_argument("--study", required=True)
     s.add_argument("--cohort", required=True)

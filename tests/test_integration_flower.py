@@ -129,6 +129,13 @@ def test_audit_trail_exports_and_verifies(demo_run, tmp_path):
     assert actions.count("audit.witnessed") >= 4 * ROUNDS  # each silo's head, every round
     silo_actions = [json.loads(line)["action"] for line in (state / "silos" / "va" / "audit.jsonl").read_text().splitlines()]
     assert silo_actions.count("train.replied") == ROUNDS and "audit.witnessed" in silo_actions
+    silo_out = tmp_path / "va-export"
+    proc = subprocess.run([sys.executable, "-m", "silo_node.cli", "audit", "export", "--state-dir",
+                           str(state / "silos" / "va"), "--out", str(silo_out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "silo_node.cli", "audit", "verify", *map(str, silo_out.glob("*.zip"))],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
     # tamper with the coordinator's exported JSONL inside a copy of the bundle directory
     tampered = out / "coordinator"
     jsonl = tampered / "audit.jsonl"
