@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from policies.durable import fsync_dir, link_no_clobber, temp_name, write_all, write_new_file
+from policies.durable import fsync_dir, read_private, temp_name, write_atomic, write_new_file
 from policies.errors import PolicyError
 from policies.study import canonical_json
 
@@ -170,34 +170,21 @@ class PartyKey:
 
 
 def _create_key_file(path: Path, key: Ed25519PrivateKey) -> None:
-    """Write temp + fsync, then hard-link into place: unlike rename, link never replaces a key
-    another process created meanwhile (entries signed with a lost key could not be explained)."""
+    """Written without replace (hard link): a key another process created meanwhile is kept,
+    since entries signed with a lost key could not be explained."""
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    tmp = temp_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_new_file(tmp, pem, mode=0o600)
-        link_no_clobber(tmp, path)
-        fsync_dir(path.parent)
     except OSError as exc:
         raise PolicyError(f"{path}: cannot create the party key: {exc.strerror or exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, pem, replace=False)
 
 
 def _load_key_file(path: Path) -> Ed25519PrivateKey:
     """Refuse keys others can read (like ssh does) and anything that is not Ed25519."""
-    try:
-        mode = os.stat(path).st_mode & 0o777
-        pem = path.read_bytes()
-    except OSError as exc:
-        raise PolicyError(f"{path}: cannot read the party key: {exc.strerror or exc}") from exc
-    if mode & 0o077:
-        raise PolicyError(
-            f"{path}: the party's private key is readable by others (mode {mode:o}); run: chmod 600 {path}"
-        )
+    pem = read_private(path, "party's private key")
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as exc:

@@ -76,3 +76,15 @@ def write_atomic(path: Path, data: bytes, *, replace: bool, mode: int = 0o600) -
         raise PolicyError(f"{path}: cannot write: {exc.strerror or exc}") from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def read_private(path: Path, what: str) -> bytes:
+    """Read a key file, refusing one others can read (like ssh does)."""
+    try:
+        mode = os.stat(path).st_mode & 0o777
+        data = path.read_bytes()
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from exc
+    if mode & 0o077:
+        raise PolicyError(f"{path}: the {what} is readable by others (mode {mode:o}); run: chmod 600 {path}")
+    return data

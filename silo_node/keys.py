@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from policies.durable import fsync_dir, write_all, write_atomic
+from policies.durable import fsync_dir, read_private, write_all, write_atomic
 from policies.errors import PolicyError
 
 KEYS_DIR = "keys"
@@ -160,7 +160,7 @@ def load_study_secret(state_dir: str | Path, study_id: str) -> bytes:
     path = _study_secret_path(state_dir, study_id)
     if not path.exists():
         raise PolicyError(f"{path}: no secret stored for study {study_id} (key ceremony not done at this silo?)")
-    return _read_private(path, "study secret")
+    return read_private(path, "study secret")
 
 
 def destroy_study_secret(state_dir: str | Path, study_id: str) -> bool:
@@ -196,7 +196,7 @@ def _keys_dir(state_dir: str | Path) -> Path:
 
 
 def _load_private_key(path: Path) -> X25519PrivateKey:
-    pem = _read_private(path, "enrolment key")
+    pem = read_private(path, "enrolment key")
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as exc:
@@ -204,17 +204,5 @@ def _load_private_key(path: Path) -> X25519PrivateKey:
     if not isinstance(key, X25519PrivateKey):
         raise PolicyError(f"{path}: the enrolment key must be X25519, found {type(key).__name__}")
     return key
-
-
-def _read_private(path: Path, what: str) -> bytes:
-    """Read a key file, refusing one others can read (like ssh does)."""
-    try:
-        mode = os.stat(path).st_mode & 0o777
-        data = path.read_bytes()
-    except OSError as exc:
-        raise PolicyError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from exc
-    if mode & 0o077:
-        raise PolicyError(f"{path}: the {what} is readable by others (mode {mode:o}); run: chmod 600 {path}")
-    return data
 
 
