@@ -48,11 +48,12 @@ def _summary(study) -> str:
 
 def _approve(args: argparse.Namespace) -> int:
     """Silo IT reads the study, checks the budget fits, pins peers, and approves this exact hash."""
-    from silo_node.approval import approve
+    from silo_node.approval import approve, parse_pins
     from silo_node.keys import EnrolmentKey
     from silo_node.ledger import SiloBudget
 
     study = load_study(args.study)
+    parse_pins(args.pin)  # a malformed pin is refused before anything is reserved or recorded
     state_dir = Path(args.state_dir).resolve()
     print(_summary(study))
     print(f"This silo's enrolment key fingerprint (read it to the other hospitals):\n  "
@@ -63,8 +64,12 @@ def _approve(args: argparse.Namespace) -> int:
             print(f"WARNING: {decision.reason}", file=sys.stderr)
             return 1
     if not args.pin:
-        print("WARNING: no peer fingerprints pinned: this silo would seal the study key to any key the "
-              "coordinator relays. Pin each peer with --pin after comparing fingerprints out of band.", file=sys.stderr)
+        print("WARNING: no peer fingerprints pinned: this silo would seal the study key to, and accept it from, "
+              "any key the coordinator relays. Pin each peer with --pin NAME=FINGERPRINT after comparing "
+              "fingerprints out of band.", file=sys.stderr)
+    elif study.ckks.key_holder and not any(p.partition("=")[0].strip() == study.ckks.key_holder for p in args.pin):
+        print(f"NOTE: the policy names '{study.ckks.key_holder}' as key holder; unless this silo is it, pin its key "
+              f"as --pin {study.ckks.key_holder}=FINGERPRINT or this silo will refuse the study key.", file=sys.stderr)
     if not args.yes:
         answer = input(f"Approve study {study.id} policy {study.policy_hash()[:12]}? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
@@ -169,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("approve", help="read a study, check the privacy budget fits, pin peers, approve its hash")
     a.add_argument("--study", required=True)
     a.add_argument("--state-dir", required=True)
-    a.add_argument("--pin", action="append", default=[], metavar="FINGERPRINT",
-                   help="a peer silo's enrolment fingerprint, compared out of band (repeat per peer)")
+    a.add_argument("--pin", action="append", default=[], metavar="[NAME=]FINGERPRINT",
+                   help="a peer silo's enrolment fingerprint, compared out of band (repeat per peer); name the "
+                        "policy's key holder (NAME=FINGERPRINT) so this silo accepts the study key only from it")
     a.add_argument("--by", default="silo-it", help="who approves (recorded)")
     a.add_argument("--epsilon-ceiling", type=float, help="this hospital's lower epsilon cap for this study")
     a.add_argument("--silo-total-epsilon", type=float, help="cap on the sum of all studies' epsilon at this silo")

@@ -1,10 +1,11 @@
 """Key custody at the silo: the enrolment key, sealed study secrets, the stored study key.
 
 Each silo has an X25519 enrolment key. The study's CKKS secret context, made at one silo
-in the key ceremony, reaches the others sealed to their enrolment public keys and bound to
-the study (id + policy hash), so the coordinator, which relays the sealed blobs, can open
-none of them and cannot replay one into another study. Silos compare enrolment
-fingerprints out of band before sealing: the coordinator relays the public keys too.
+in the key ceremony, reaches the others sealed to their enrolment public keys, authenticated
+to the key holder's enrolment key and bound to the study (id + policy hash): the
+coordinator, which relays the sealed blobs, can open none of them, cannot replay one into
+another study, and cannot hand a silo a context it made itself. Silos compare enrolment
+fingerprints out of band: the coordinator relays the public keys too.
 
 Everything lives under `state_dir/keys/` (mode 0700), every file mode 0600, written
 atomically (temp file, fsync, rename) so a crash never leaves half a key behind.
@@ -18,6 +19,7 @@ import os
 import re
 import secrets
 from pathlib import Path
+from typing import NamedTuple, Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -32,13 +34,18 @@ KEYS_DIR = "keys"
 ENROLMENT_FILE = "enrolment.key"
 _STUDY_ID = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")  # same rule as StudySpec.id
 
-# sealed blob: magic+version | recipient key id | ephemeral public key | nonce | AEAD ciphertext+tag
-_SEAL_MAGIC = b"FCS\x01"
+# sealed blob: magic+version | recipient key id | sender's enrolment public key | ephemeral public key
+# | nonce | AEAD ciphertext+tag. Version 1 (no sender, anyone could seal) is refused.
+_SEAL_MAGIC = b"FCS\x02"
+_SEAL_MAGIC_V1 = b"FCS\x01"
 _KEY_ID_LEN = 8
 _PUB_LEN = 32
 _NONCE_LEN = 12
-_SEAL_HEAD_LEN = len(_SEAL_MAGIC) + _KEY_ID_LEN + _PUB_LEN + _NONCE_LEN
-_HKDF_INFO = b"fedcohort seal v1: X25519-HKDF-SHA256-ChaCha20Poly1305"
+_SENDER_AT = len(_SEAL_MAGIC) + _KEY_ID_LEN
+_EPHEMERAL_AT = _SENDER_AT + _PUB_LEN
+_NONCE_AT = _EPHEMERAL_AT + _PUB_LEN
+_SEAL_HEAD_LEN = _NONCE_AT + _NONCE_LEN
+_HKDF_INFO = b"fedcohort seal v2: X25519(eph,static)+X25519(static,static)-HKDF-SHA256-ChaCha20Poly1305"
 
 
 def fingerprint(public_bytes: bytes) -> str:
@@ -59,33 +66,38 @@ def _key_id(public_bytes: bytes) -> bytes:
     return hashlib.sha256(public_bytes).digest()[:_KEY_ID_LEN]
 
 
-def _derive(shared: bytes, ephemeral_public: bytes, recipient_public: bytes) -> bytes:
-    """Both public keys go into the salt so a key is bound to this exact exchange."""
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=ephemeral_public + recipient_public,
-                info=_HKDF_INFO).derive(shared)
+def _derive(ephemeral_shared: bytes, static_shared: bytes, head: bytes, context_info: bytes) -> bytes:
+    """One AEAD key from both X25519 secrets, bound to this exchange and this study.
 
-
-def seal(recipient_public: bytes, plaintext: bytes, context_info: bytes) -> bytes:
-    """Encrypt to a silo's enrolment key (ephemeral X25519 + HKDF-SHA256 + ChaCha20-Poly1305).
-
-    `context_info` (e.g. study id + policy hash) is authenticated, not sent: the recipient
-    must supply the same bytes to open, so a sealed secret cannot be replayed into another
-    study or policy version.
+    The salt is the blob's head (recipient key id, sender and ephemeral public keys, nonce)
+    and the info carries `context_info` (study id + policy hash), so a key derived for one
+    sender, recipient, blob or study opens nothing else.
     """
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=head,
+                info=_HKDF_INFO + b"|" + context_info).derive(ephemeral_shared + static_shared)
+
+
+def _x25519_public(raw: bytes, whose: str) -> X25519PublicKey:
     try:
-        recipient = X25519PublicKey.from_public_bytes(recipient_public)
+        return X25519PublicKey.from_public_bytes(bytes(raw))
     except ValueError:
-        raise PolicyError("the recipient's enrolment public key is not a raw 32-byte X25519 key") from None
-    ephemeral = X25519PrivateKey.generate()
-    ephemeral_public = ephemeral.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        raise PolicyError(f"the {whose} enrolment public key is not a raw 32-byte X25519 key") from None
+
+
+def _exchange(private: X25519PrivateKey, public: X25519PublicKey, whose: str) -> bytes:
     try:
-        shared = ephemeral.exchange(recipient)
-    except ValueError:
-        raise PolicyError("the recipient's enrolment public key is a degenerate X25519 point; refusing") from None
-    key = _derive(shared, ephemeral_public, recipient_public)
-    nonce = secrets.token_bytes(_NONCE_LEN)
-    head = _SEAL_MAGIC + _key_id(recipient_public) + ephemeral_public + nonce
-    return head + ChaCha20Poly1305(key).encrypt(nonce, plaintext, head + context_info)
+        return private.exchange(public)
+    except ValueError:  # a low-order point gives the all-zero secret: no key agreement at all
+        raise PolicyError(f"the {whose} public key is a degenerate X25519 point; refusing") from None
+
+
+def _raw(public: X25519PublicKey) -> bytes:
+    return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+class Opened(NamedTuple):
+    plaintext: bytes
+    sender_public: bytes  # the enrolment key that sealed it (authenticated by the AEAD tag)
 
 
 class EnrolmentKey:
@@ -112,29 +124,69 @@ class EnrolmentKey:
     def fingerprint(self) -> str:
         return fingerprint(self.public_bytes())
 
-    def open(self, sealed: bytes, context_info: bytes) -> bytes:
-        """Decrypt a blob sealed to this key for this `context_info`; PolicyError otherwise."""
+    def seal_to(self, recipient_public: bytes, plaintext: bytes, context_info: bytes) -> bytes:
+        """Encrypt to a peer's enrolment key so that only that peer opens it and it can tell
+        that this silo's enrolment key sealed it.
+
+        Why two key agreements rather than a signature: the AEAD key comes from
+        X25519(ephemeral, recipient) and X25519(this silo's key, recipient) (HPKE's Auth mode
+        in spirit). The static-static secret proves the sender, with the very key whose
+        fingerprint silo IT already pinned by phone; an Ed25519 signature would need a second
+        key, and a second fingerprint to compare, for the same guarantee. The ephemeral
+        secret keeps every blob's key fresh. The coordinator, holding neither private key,
+        can neither make a blob that opens under the holder's name nor re-wrap one.
+
+        `context_info` (study id + policy hash) is authenticated (HKDF info and AEAD
+        associated data), not sent: a sealed secret cannot be replayed into another study
+        or policy version.
+        """
+        recipient = _x25519_public(recipient_public, "recipient's")
+        ephemeral = X25519PrivateKey.generate()
+        ephemeral_shared = _exchange(ephemeral, recipient, "recipient's enrolment")
+        static_shared = _exchange(self._private, recipient, "recipient's enrolment")
+        head = (_SEAL_MAGIC + _key_id(_raw(recipient)) + self.public_bytes() + _raw(ephemeral.public_key())
+                + secrets.token_bytes(_NONCE_LEN))
+        key = _derive(ephemeral_shared, static_shared, head, context_info)
+        return head + ChaCha20Poly1305(key).encrypt(head[_NONCE_AT:], plaintext, head + context_info)
+
+    def open(self, sealed: bytes, context_info: bytes, sender_pins: Sequence[str] | None) -> Opened:
+        """Decrypt a blob sealed to this key for this `context_info` by a pinned sender.
+
+        `sender_pins`: fingerprints the sender's enrolment key must match (the key holder's,
+        pinned out of band); None only in trust-on-first-use demos, where any sender is
+        taken and the caller should log who it was. PolicyError, nothing returned, otherwise.
+        """
         sealed = bytes(sealed)
+        if sealed.startswith(_SEAL_MAGIC_V1):
+            raise PolicyError("sealed blob is format v1, which does not say who sealed it: refused; "
+                              "the key holder must run this version and seal again")
         if len(sealed) < _SEAL_HEAD_LEN + 16 or not sealed.startswith(_SEAL_MAGIC):
             raise PolicyError("not a sealed fedcohort blob (wrong format or truncated)")
-        key_id = sealed[len(_SEAL_MAGIC):len(_SEAL_MAGIC) + _KEY_ID_LEN]
+        key_id = sealed[len(_SEAL_MAGIC):_SENDER_AT]
         mine = self.public_bytes()
         if not hmac.compare_digest(key_id, _key_id(mine)):
             raise PolicyError(
                 f"this blob was sealed to another enrolment key (key id {key_id.hex()}), "
                 f"not this silo's ({_key_id(mine).hex()}); ask the sender to re-seal to fingerprint {self.fingerprint()}"
             )
-        ephemeral_public = sealed[_SEAL_HEAD_LEN - _NONCE_LEN - _PUB_LEN:_SEAL_HEAD_LEN - _NONCE_LEN]
-        nonce = sealed[_SEAL_HEAD_LEN - _NONCE_LEN:_SEAL_HEAD_LEN]
+        sender_public = sealed[_SENDER_AT:_EPHEMERAL_AT]
+        if sender_pins is not None and not any(fingerprint_matches(sender_public, pin) for pin in sender_pins):
+            raise PolicyError(
+                f"sealed blob comes from enrolment key {fingerprint(sender_public)}, which is not the pinned "
+                f"key holder's: refused (a key the coordinator or an unpinned party made)"
+            )
+        head = sealed[:_SEAL_HEAD_LEN]
         try:
-            shared = self._private.exchange(X25519PublicKey.from_public_bytes(ephemeral_public))
-            key = _derive(shared, ephemeral_public, mine)
-            return ChaCha20Poly1305(key).decrypt(nonce, sealed[_SEAL_HEAD_LEN:], sealed[:_SEAL_HEAD_LEN] + context_info)
+            sender = X25519PublicKey.from_public_bytes(sender_public)
+            ephemeral = X25519PublicKey.from_public_bytes(sealed[_EPHEMERAL_AT:_NONCE_AT])
+            key = _derive(self._private.exchange(ephemeral), self._private.exchange(sender), head, context_info)
+            plaintext = ChaCha20Poly1305(key).decrypt(head[_NONCE_AT:], sealed[_SEAL_HEAD_LEN:], head + context_info)
         except (InvalidTag, ValueError):
             raise PolicyError(
-                "cannot open the sealed blob: it was sealed for another study or policy version "
-                "(context_info differs) or altered in transit"
+                f"cannot open the sealed blob: it was not sealed by enrolment key {fingerprint(sender_public)} "
+                "for this study and policy version (context_info differs), or it was altered or re-wrapped in transit"
             ) from None
+        return Opened(plaintext, sender_public)
 
 
 # ---------------------------------------------------------------------------- study secret

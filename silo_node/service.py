@@ -99,7 +99,13 @@ def _log_unpinned(silo, peers: dict[str, bytes], sealed: dict[str, bytes]) -> No
 
 
 def _keyrecv(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
-    silo.receive_study_key(_bytes(arrays[m.SEALED]))
+    """Open the sealed study key; the log names the key that sealed it (a refusal is logged by `handle`)."""
+    if m.SEALED not in arrays:
+        raise PolicyError("key ceremony: the request carries no sealed study key")
+    sender, pinned = silo.receive_study_key(_bytes(arrays[m.SEALED]))
+    if silo.audit is not None:
+        silo.audit.append("key.received", req.study_id, {
+            "sealed_by_fingerprint": hashlib.sha256(sender).hexdigest(), "holder_pinned": pinned})
     return {}, None, None
 
 

@@ -113,11 +113,16 @@ class Silo:
         """Key ceremony at the key-holding silo: make the CKKS key, keep it, seal it to each peer.
 
         Returns the keyless aggregator context (all the coordinator may hold) and one
-        sealed blob per trusted peer that only that peer's enrolment key opens.
+        sealed blob per trusted peer that only that peer's enrolment key opens. A silo the
+        policy does not name as key holder refuses: the others would refuse its key anyway.
         """
         from policies.ckks import aggregator_context_bytes, new_secret_context, secret_context_bytes
         from silo_node.keys import store_study_secret
 
+        holder = self.study.ckks.key_holder
+        if holder is not None and holder != self.name:
+            raise PolicyError(f"the policy names '{holder}' as key holder, not this silo ('{self.name}'): "
+                              "refusing to make the study key")
         ctx = new_secret_context(self.study.ckks)
         secret = secret_context_bytes(ctx)
         store_study_secret(self._require_state_dir("CKKS"), self.study.id, secret, replace=True)
@@ -133,20 +138,31 @@ class Silo:
     def _seal_to_trusted(self, secret: bytes, peers: dict[str, bytes]) -> dict[str, bytes]:
         """Seal to each peer; when silo IT pinned fingerprints, a key not pinned (substituted?) gets nothing."""
         from silo_node.approval import load_approval
-        from silo_node.keys import fingerprint_matches, seal
+        from silo_node.keys import EnrolmentKey, fingerprint_matches
 
-        approval = load_approval(self._require_state_dir("CKKS"), self.study)
+        state_dir = self._require_state_dir("CKKS")
+        approval = load_approval(state_dir, self.study)
         pins = approval.pins if approval else ()
-        return {peer: seal(pub, secret, self._context_info()) for peer, pub in peers.items()
+        me = EnrolmentKey.load_or_create(state_dir)
+        return {peer: me.seal_to(pub, secret, self._context_info()) for peer, pub in peers.items()
                 if not pins or any(fingerprint_matches(pub, pin) for pin in pins)}
 
-    def receive_study_key(self, sealed: bytes) -> None:
+    def receive_study_key(self, sealed: bytes) -> tuple[bytes, bool]:
+        """Open and keep the study key, only if the pinned key holder sealed it for this study.
+
+        Refused (PolicyError) before anything is stored otherwise. Returns the enrolment
+        public key that sealed it and whether it was checked against a pin (False only in
+        trust-on-first-use demos), for the silo's audit log.
+        """
+        from silo_node.approval import key_holder_pins, load_approval
         from silo_node.keys import EnrolmentKey, store_study_secret
 
         state_dir = self._require_state_dir("CKKS")
-        secret = EnrolmentKey.load_or_create(state_dir).open(sealed, self._context_info())
-        store_study_secret(state_dir, self.study.id, secret, replace=True)
+        pins = key_holder_pins(load_approval(state_dir, self.study), self.study)
+        opened = EnrolmentKey.load_or_create(state_dir).open(sealed, self._context_info(), pins)
+        store_study_secret(state_dir, self.study.id, opened.plaintext, replace=True)
         self._codec = None
+        return opened.sender_public, pins is not None
 
     # ---- round 0 ---------------------------------------------------------------
     def stats_contribution(self) -> np.ndarray:

@@ -98,3 +98,100 @@ def test_changed_policy_needs_new_approval(tmp_path):
     changed = study.model_copy(update={"min_silos": 4})
     with pytest.raises(PolicyError, match="approved again"):
         require_approval(tmp_path, changed)
+
+
+def _pinned_silos(tmp_path, study):
+    """Four silos whose IT pinned every peer by name, as `silo-node approve --pin NAME=FP` does."""
+    from silo_node.approval import approve
+    from silo_node.keys import EnrolmentKey
+
+    silos = [Silo.from_cohort(n, study, p, state_dir=tmp_path / n) for n, p in sample_cohorts().items()]
+    fps = {s.name: EnrolmentKey.load_or_create(tmp_path / s.name).fingerprint() for s in silos}
+    for s in silos:
+        approve(tmp_path / s.name, study, [f"{n}={fp}" for n, fp in fps.items() if n != s.name], "test")
+    return silos
+
+
+def test_silos_accept_the_key_only_from_the_pinned_holder(tmp_path):
+    """Honest ceremony and a late joiner work; a context the coordinator made and sealed
+    with its own key, or one from another pinned hospital that is not the named holder,
+    is refused and nothing is stored."""
+    from silo_node.keys import EnrolmentKey, load_study_secret
+
+    study = _study("ckks")
+    assert study.ckks.key_holder == "cleveland"
+    holder, hungary, switzerland, va = _pinned_silos(tmp_path, study)
+    _, sealed = holder.make_study_key({s.name: s.enrolment_public() for s in (hungary, switzerland)})
+    sender, pinned = hungary.receive_study_key(sealed["hungary"])
+    assert sender == holder.enrolment_public() and pinned
+    switzerland.receive_study_key(sealed["switzerland"])
+    late = holder.share_study_key({"va": va.enrolment_public()})  # a silo joining later
+    va.receive_study_key(late["va"])
+    assert load_study_secret(tmp_path / "va", study.id) == load_study_secret(tmp_path / "cleveland", study.id)
+
+    # the coordinator makes a context of its own and seals it with its own key to a fresh silo
+    from policies.ckks import new_secret_context, secret_context_bytes
+
+    newcomer = Silo.from_cohort("va", study, sample_cohorts()["va"], state_dir=tmp_path / "va2")
+    from silo_node.approval import approve
+
+    approve(tmp_path / "va2", study, [f"cleveland={EnrolmentKey.load_or_create(tmp_path / 'cleveland').fingerprint()}"], "t")
+    own = secret_context_bytes(new_secret_context(study.ckks))
+    coordinator_key = EnrolmentKey.load_or_create(tmp_path / "coordinator")
+    forged = coordinator_key.seal_to(newcomer.enrolment_public(), own, newcomer._context_info())
+    with pytest.raises(PolicyError, match="not the pinned key holder"):
+        newcomer.receive_study_key(forged)
+    # another hospital (pinned, but not the policy's key holder) cannot hand out a key either
+    by_hungary = EnrolmentKey.load_or_create(tmp_path / "hungary").seal_to(newcomer.enrolment_public(), own,
+                                                                            newcomer._context_info())
+    with pytest.raises(PolicyError, match="not the pinned key holder"):
+        newcomer.receive_study_key(by_hungary)
+    with pytest.raises(PolicyError, match="no secret stored"):
+        load_study_secret(tmp_path / "va2", study.id)
+
+
+def test_only_the_named_holder_makes_the_key_and_unnamed_pins_are_refused(tmp_path):
+    from silo_node.approval import approve
+
+    study = _study("ckks")
+    holder, hungary, *_ = _pinned_silos(tmp_path, study)
+    with pytest.raises(PolicyError, match="names 'cleveland' as key holder, not this silo"):
+        hungary.make_study_key({"va": holder.enrolment_public()})
+    _, sealed = holder.make_study_key({"hungary": hungary.enrolment_public()})
+    approve(tmp_path / "hungary", study, [holder.enrolment_public().hex()[:8]], "pinned without names")
+    with pytest.raises(PolicyError, match="--pin cleveland=FINGERPRINT"):
+        hungary.receive_study_key(sealed["hungary"])
+
+
+def test_refused_key_is_audit_logged_and_nothing_stored(tmp_path):
+    """Through the silo service's handler: the refusal names the key and lands in the silo's log."""
+    import json
+
+    from policies import messages as msg
+    from policies.audit import open_party_log
+    from silo_node.keys import EnrolmentKey
+    from silo_node.service import handle
+
+    study = _study("ckks")
+    holder, hungary, *_ = _pinned_silos(tmp_path, study)
+    log = open_party_log(tmp_path / "hungary", "hungary", "silo")
+    hungary.audit = log
+    impostor = EnrolmentKey.load_or_create(tmp_path / "impostor")
+    forged = impostor.seal_to(hungary.enrolment_public(), b"not the study key", hungary._context_info())
+    req = msg.Request(study_id=study.id, policy_hash=study.policy_hash(), round=0, nonce=msg.new_nonce())
+    arrays = {msg.SEALED: np.frombuffer(forged, dtype=np.uint8)}
+    reply, out = handle(hungary, log, msg.KEYRECV, req.model_dump(), arrays)
+    assert reply["status"] == "refused" and "not the pinned key holder" in reply["reason"] and out == {}
+    assert not (tmp_path / "hungary" / "keys" / f"study-{study.id}.ckks-secret").exists()
+    _, sealed = holder.make_study_key({"hungary": hungary.enrolment_public()})
+    reply, _ = handle(hungary, log, msg.KEYRECV, req.model_copy(update={"nonce": msg.new_nonce()}).model_dump(),
+                      {msg.SEALED: np.frombuffer(sealed["hungary"], dtype=np.uint8)})
+    assert reply["status"] == "ok"
+    entries = [json.loads(line) for line in log.path.read_text().splitlines()]
+    refused = [e for e in entries if e["action"] == "keyrecv.refused"]
+    assert len(refused) == 1 and impostor.fingerprint() in refused[0]["details"]["reason"]
+    received = [e for e in entries if e["action"] == "key.received"]
+    import hashlib
+
+    assert received[0]["details"] == {"sealed_by_fingerprint": hashlib.sha256(holder.enrolment_public()).hexdigest(),
+                                      "holder_pinned": True}

@@ -239,13 +239,16 @@ def test_manual_approval_gate_waits_then_runs(tmp_path):
 
 def test_late_silo_receives_the_key_and_joins(tmp_path):
     """A silo that connects after the key ceremony gets the same key, sealed by the key
-    holder, and contributes from the next round on."""
+    holder, and contributes from the next round on. Every silo IT pinned its peers by name,
+    so each silo checks that the key came from cleveland's pinned enrolment key."""
+    import hashlib
     import time
 
     from coordinator.demo import read_summary
     from coordinator.runtime import SiloSpec, local_federation
     from coordinator.store import open_store
-    from silo_node.keys import load_study_secret
+    from silo_node.approval import approve
+    from silo_node.keys import EnrolmentKey, load_study_secret
 
     data = load_study(shipped_study()).model_dump(mode="json")
     data["training"]["rounds"] = 3
@@ -254,6 +257,9 @@ def test_late_silo_receives_the_key_and_joins(tmp_path):
     study_path.write_text(yaml.safe_dump(data, sort_keys=False))
     study = load_study(study_path)
     cohorts = sample_cohorts()
+    keys = {name: EnrolmentKey.load_or_create(tmp_path / "silos" / name) for name in cohorts}
+    for name in cohorts:  # `silo-node approve --pin NAME=FINGERPRINT` for every peer
+        approve(tmp_path / "silos" / name, study, [f"{n}={k.fingerprint()}" for n, k in keys.items() if n != name], "it")
     summary_path = tmp_path / "coordinator" / "summary.json"
     with local_federation(tmp_path / "runtime") as fed:
         fed.start_superlink()
@@ -279,3 +285,8 @@ def test_late_silo_receives_the_key_and_joins(tmp_path):
     assert load_study_secret(tmp_path / "silos" / "va", study.id) == load_study_secret(tmp_path / "silos" / "cleveland", study.id)
     actions = [json.loads(line)["action"] for line in (tmp_path / "coordinator" / "audit.jsonl").read_text().splitlines()]
     assert "silo.joined_late" in actions
+    holder_fp = hashlib.sha256(keys["cleveland"].public_bytes()).hexdigest()
+    for name in ("hungary", "va"):
+        entries = [json.loads(line) for line in (tmp_path / "silos" / name / "audit.jsonl").read_text().splitlines()]
+        received = [e["details"] for e in entries if e["action"] == "key.received"]
+        assert received == [{"sealed_by_fingerprint": holder_fp, "holder_pinned": True}], name

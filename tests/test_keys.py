@@ -52,42 +52,93 @@ def test_key_readable_by_others_is_refused(tmp_path):
         EnrolmentKey.load_or_create(tmp_path)
 
 
+def _pins(key: EnrolmentKey) -> list[str]:
+    return [key.fingerprint()]
+
+
 def test_seal_open_round_trip(tmp_path):
-    recipient = EnrolmentKey.load_or_create(tmp_path)
+    holder = EnrolmentKey.load_or_create(tmp_path / "holder")
+    recipient = EnrolmentKey.load_or_create(tmp_path / "recipient")
     secret = os.urandom(62_000)  # the size of a sealed CKKS secret context
-    sealed = keys.seal(recipient.public_bytes(), secret, CONTEXT)
-    assert secret not in sealed and len(sealed) < len(secret) + 100
-    assert recipient.open(sealed, CONTEXT) == secret
-    assert keys.seal(recipient.public_bytes(), secret, CONTEXT) != sealed  # fresh ephemeral key
+    sealed = holder.seal_to(recipient.public_bytes(), secret, CONTEXT)
+    assert secret not in sealed and len(sealed) < len(secret) + 120
+    opened = recipient.open(sealed, CONTEXT, _pins(holder))
+    assert opened.plaintext == secret and opened.sender_public == holder.public_bytes()
+    assert holder.seal_to(recipient.public_bytes(), secret, CONTEXT) != sealed  # fresh ephemeral key
+    assert recipient.open(sealed, CONTEXT, None).plaintext == secret  # trust on first use: any sender
 
 
 def test_wrong_recipient_cannot_open(tmp_path):
+    holder = EnrolmentKey.load_or_create(tmp_path / "holder")
     alice = EnrolmentKey.load_or_create(tmp_path / "alice")
     mallory = EnrolmentKey.load_or_create(tmp_path / "mallory")
-    sealed = keys.seal(alice.public_bytes(), b"study secret", CONTEXT)
+    sealed = holder.seal_to(alice.public_bytes(), b"study secret", CONTEXT)
     with pytest.raises(PolicyError, match="sealed to another enrolment key"):
-        mallory.open(sealed, CONTEXT)
+        mallory.open(sealed, CONTEXT, _pins(holder))
     forged_id = sealed[:4] + _key_id(mallory) + sealed[12:]
     with pytest.raises(PolicyError, match="cannot open the sealed blob"):
-        mallory.open(forged_id, CONTEXT)  # claiming to be for mallory does not help
+        mallory.open(forged_id, CONTEXT, _pins(holder))  # claiming to be for mallory does not help
 
 
 def _key_id(key: EnrolmentKey) -> bytes:
     return hashlib.sha256(key.public_bytes()).digest()[:8]
 
 
+def test_blob_from_an_unpinned_key_is_refused(tmp_path):
+    """The coordinator (or anyone) seals a context of its own making with its own key."""
+    holder = EnrolmentKey.load_or_create(tmp_path / "holder")
+    coordinator = EnrolmentKey.load_or_create(tmp_path / "coordinator")
+    silo = EnrolmentKey.load_or_create(tmp_path / "silo")
+    forged = coordinator.seal_to(silo.public_bytes(), b"a context the coordinator can read", CONTEXT)
+    with pytest.raises(PolicyError, match=r"not the pinned key holder's") as err:
+        silo.open(forged, CONTEXT, _pins(holder))
+    assert coordinator.fingerprint() in str(err.value)  # names the key that sealed it
+
+
+def test_blob_rewrapped_under_the_holders_name_is_refused(tmp_path):
+    """Keeping the holder's public key in the head but sealing its own secret (ephemeral-
+    static only, as v1 did) does not work: the coordinator lacks the static-static secret."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    holder = EnrolmentKey.load_or_create(tmp_path / "holder")
+    silo = EnrolmentKey.load_or_create(tmp_path / "silo")
+    honest = holder.seal_to(silo.public_bytes(), b"the real study key", CONTEXT)
+    eph = X25519PrivateKey.generate()
+    eph_pub = keys._raw(eph.public_key())
+    shared = eph.exchange(X25519PublicKey.from_public_bytes(silo.public_bytes()))
+    head = honest[:keys._EPHEMERAL_AT] + eph_pub + os.urandom(12)
+    # the coordinator's best guess for the static-static part: its own exchange with the silo
+    guess = X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(silo.public_bytes()))
+    key = keys._derive(shared, guess, head, CONTEXT)
+    rewrapped = head + ChaCha20Poly1305(key).encrypt(head[keys._NONCE_AT:], b"the coordinator's key", head + CONTEXT)
+    with pytest.raises(PolicyError, match="re-wrapped"):
+        silo.open(rewrapped, CONTEXT, _pins(holder))
+    spliced = honest[:keys._SENDER_AT] + silo.public_bytes() + honest[keys._EPHEMERAL_AT:]
+    with pytest.raises(PolicyError, match="cannot open"):
+        silo.open(spliced, CONTEXT, [silo.fingerprint()])  # swapping the sender field breaks the tag
+    assert silo.open(honest, CONTEXT, _pins(holder)).plaintext == b"the real study key"
+
+
+def test_unauthenticated_v1_blob_is_refused(tmp_path):
+    silo = EnrolmentKey.load_or_create(tmp_path)
+    with pytest.raises(PolicyError, match="format v1"):
+        silo.open(b"FCS\x01" + os.urandom(120), CONTEXT, None)
+
+
 def test_wrong_context_or_tampering_cannot_open(tmp_path):
+    holder = EnrolmentKey.load_or_create(tmp_path / "holder")
     alice = EnrolmentKey.load_or_create(tmp_path)
-    sealed = keys.seal(alice.public_bytes(), b"study secret", CONTEXT)
+    sealed = holder.seal_to(alice.public_bytes(), b"study secret", CONTEXT)
     with pytest.raises(PolicyError, match="context_info differs"):
-        alice.open(sealed, b"study=heart-disease;policy=000000")
+        alice.open(sealed, b"study=heart-disease;policy=000000", _pins(holder))
     tampered = sealed[:-1] + bytes([sealed[-1] ^ 1])
     with pytest.raises(PolicyError, match="altered"):
-        alice.open(tampered, CONTEXT)
+        alice.open(tampered, CONTEXT, _pins(holder))
     with pytest.raises(PolicyError, match="not a sealed fedcohort blob"):
-        alice.open(b"nonsense", CONTEXT)
+        alice.open(b"nonsense", CONTEXT, None)
     with pytest.raises(PolicyError, match="not a raw 32-byte X25519 key"):
-        keys.seal(b"short", b"x", CONTEXT)
+        holder.seal_to(b"short", b"x", CONTEXT)
 
 
 def test_study_secret_storage(tmp_path):
@@ -126,9 +177,10 @@ def test_sealed_ckks_secret_context_end_to_end(tmp_path):
     """Key ceremony: silo A makes the study key, seals it to B, B stores it and decrypts."""
     params = ckks.CkksParams()
     ctx_a = ckks.new_secret_context(params)
+    a = EnrolmentKey.load_or_create(tmp_path / "a")
     b = EnrolmentKey.load_or_create(tmp_path / "b")
-    sealed = keys.seal(b.public_bytes(), ckks.secret_context_bytes(ctx_a), CONTEXT)
-    keys.store_study_secret(tmp_path / "b", "heart-disease", b.open(sealed, CONTEXT))
+    sealed = a.seal_to(b.public_bytes(), ckks.secret_context_bytes(ctx_a), CONTEXT)
+    keys.store_study_secret(tmp_path / "b", "heart-disease", b.open(sealed, CONTEXT, _pins(a)).plaintext)
     ctx_b = ckks.load_context(keys.load_study_secret(tmp_path / "b", "heart-disease"), params)
     blob = ckks.encrypt_vector(ctx_a, np.arange(5.0), params=params)
     assert np.allclose(ckks.decrypt_vector(ctx_b, blob), np.arange(5.0), atol=1e-6)
