@@ -29,6 +29,7 @@ from coordinator.bookkeeping import StudyBook
 from coordinator.rounds import RoundRecord, StudyState, final_evaluation
 
 app = ServerApp()
+CLOSE_TIMEOUT = 60.0  # seconds the closing exchange waits for silos' final heads
 
 
 @dataclass
@@ -352,14 +353,55 @@ class StudyRunner:
             self.final_round(nodes)
             self._book_final()
             self.audit.append("study.completed", self.study.id, {"rounds": len(self.state.aggregates)})
-            self.write("completed")
-            if self.book:
-                self.book.finish("completed")
+            self.end("completed")
         except PolicyError as exc:
             self.audit.append("study.stopped", self.study.id, {"reason": str(exc)[:500]})
-            self.write("stopped", str(exc))
-            if self.book:
-                self.book.finish("stopped", str(exc))
+            self.end("stopped", str(exc))
+
+    # ---- the end of a study ---------------------------------------------------------------
+    def end(self, status: str, reason: str = "") -> None:
+        """Record the outcome in the store, witness final audit heads with every silo, then
+        publish the summary (what tests and the demo wait for)."""
+        if self.book:
+            self.book.finish(status, reason)
+        self.close_study(status)
+        self.write(status, reason)
+
+    def _study_nodes(self) -> list[int]:
+        """Silos that took part and are still connected (every connected one if the study
+        stopped before any took part)."""
+        connected = set(self.grid.get_node_ids())
+        members = set(self.names) | ({self.holder} if self.holder is not None else set())
+        return sorted((members or connected - self.not_admitted) & connected)
+
+    def close_study(self, outcome: str) -> None:
+        """Closing exchange: send every silo the coordinator's final audit head; each logs it
+        and answers with its own final head, which the coordinator logs (`audit.witnessed`,
+        then `study.closed` naming every head and who did not answer).
+
+        Bounded by CLOSE_TIMEOUT and never fatal: the outcome is already on record, and a
+        silo that does not answer is named in `study.closed` rather than waited for.
+        """
+        final_seq, final_head = self.audit.head()
+        heads: dict[str, dict] = {}
+        silent: list[str] = []
+        timeout, self.timeout = self.timeout, min(self.timeout, CLOSE_TIMEOUT)
+        try:
+            nodes = self._study_nodes()
+            answers, dropped = self.exchange(nodes, m.CLOSE, len(self.state.aggregates), {}) if nodes else ([], [])
+            ok = {a.node_id: a for a in answers if a.reply.status == "ok"}
+            heads = {a.reply.silo: {"seq": a.reply.audit_seq, "head": a.reply.audit_head} for a in ok.values()}
+            why = {n: "no reply in time" for n in dropped} | {a.node_id: f"refused: {a.reply.reason[:200]}"
+                                                               for a in answers if a.node_id not in ok}
+            who = self.names | {a.node_id: a.reply.silo for a in answers}
+            silent = sorted(f"{who.get(n, str(n))}: {why.get(n, 'reply rejected')}" for n in nodes if n not in ok)
+        except Exception as exc:  # transport failure at the very end: record it, keep the outcome
+            silent = [f"closing exchange failed: {type(exc).__name__}: {str(exc)[:200]}"]
+        finally:
+            self.timeout = timeout
+        self.audit.append("study.closed", self.study.id, {"outcome": outcome, "final_seq": final_seq,
+                                                          "final_head": final_head, "silo_heads": heads,
+                                                          "no_final_head": silent})
 
     def _book_final(self) -> None:
         if self.book is None or self.state.final is None:

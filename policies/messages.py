@@ -25,6 +25,7 @@ STATS = "query.stats"  # round 0: normalisation moments
 TRAIN = "train"
 EVALUATE = "evaluate"
 REVEAL = "query.reveal"  # silos decrypt a pooled evaluation sum and return it rounded
+CLOSE = "query.close"  # study ended: the coordinator's final audit head out, each silo's final head back
 HEADER = "fedcohort"  # ConfigRecord name of the header
 ARRAYS = "arrays"  # ArrayRecord name of the arrays
 STATS_SUM = "stats_sum"

@@ -65,6 +65,11 @@ def reveal(msg: Message, context: Context) -> Message:
     return _relay(msg, context, m.REVEAL)
 
 
+@app.query("close")
+def close(msg: Message, context: Context) -> Message:
+    return _relay(msg, context, m.CLOSE)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     return _relay(msg, context, m.TRAIN)

@@ -136,9 +136,18 @@ def _reveal(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
     return _with_reveal(silo, arrays, {}), None, None
 
 
+def _close(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
+    """Closing exchange: nothing to compute. `handle` has already logged the coordinator's
+    final head (`audit.witnessed`) and logs `close.replied` after it; that entry's head,
+    which chains over the witnessed one, is the silo's final head in the reply."""
+    if not req.audit_seq:
+        raise PolicyError("closing exchange without the coordinator's audit head: nothing to witness")
+    return {}, None, None
+
+
 _WORK: dict[str, Callable] = {
     m.ENROL: _enrol, m.KEYGEN: _keygen, m.KEYSHARE: _keyshare, m.KEYRECV: _keyrecv, m.STATS: _stats,
-    m.TRAIN: _train, m.EVALUATE: _evaluate, m.REVEAL: _reveal,
+    m.TRAIN: _train, m.EVALUATE: _evaluate, m.REVEAL: _reveal, m.CLOSE: _close,
 }
 
 

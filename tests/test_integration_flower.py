@@ -129,6 +129,7 @@ def test_audit_trail_exports_and_verifies(demo_run, tmp_path):
     assert actions.count("audit.witnessed") >= 4 * ROUNDS  # each silo's head, every round
     silo_actions = [json.loads(line)["action"] for line in (state / "silos" / "va" / "audit.jsonl").read_text().splitlines()]
     assert silo_actions.count("train.replied") == ROUNDS and "audit.witnessed" in silo_actions
+    _assert_closing_exchange(state, ["cleveland", "hungary", "switzerland", "va"], "completed")
     silo_out = tmp_path / "va-export"
     proc = subprocess.run([sys.executable, "-m", "silo_node.cli", "audit", "export", "--state-dir",
                            str(state / "silos" / "va"), "--out", str(silo_out)], capture_output=True, text=True, timeout=120)
@@ -147,6 +148,33 @@ def test_audit_trail_exports_and_verifies(demo_run, tmp_path):
     proc = subprocess.run([*cli, "verify", str(tampered)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "BROKEN" in proc.stdout and "entry 3" in proc.stdout
+
+
+def _log(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _assert_closing_exchange(state, silos: list[str], outcome: str) -> None:
+    """The coordinator's final head is in every silo's log, and every silo's final head
+    (its `close.replied` entry, which chains over that witness) is in the coordinator's."""
+    coordinator = _log(state / "coordinator" / "audit.jsonl")
+    closed = [e for e in coordinator if e["action"] == "study.closed"]
+    assert len(closed) == 1 and closed[0]["details"]["outcome"] == outcome
+    details = closed[0]["details"]
+    final = next(e for e in coordinator if e["seq"] == details["final_seq"])
+    assert final["hash"] == details["final_head"] and final["action"] in ("study.status", "study.completed", "study.stopped")
+    assert set(details["silo_heads"]) == set(silos) and details["no_final_head"] == []
+    seen_by_coordinator = {(e["details"]["party"], e["details"]["seq"], e["details"]["head"])
+                           for e in coordinator if e["action"] == "audit.witnessed"}
+    for silo in silos:
+        entries = _log(state / "silos" / silo / "audit.jsonl")
+        by_seq = {e["seq"]: e for e in entries}
+        head = details["silo_heads"][silo]
+        assert by_seq[head["seq"]]["hash"] == head["head"] and by_seq[head["seq"]]["action"] == "close.replied"
+        assert (f"silo:{silo}", head["seq"], head["head"]) in seen_by_coordinator
+        witness = by_seq[head["seq"] - 1]  # what the silo logged just before its final reply
+        assert witness["action"] == "audit.witnessed"
+        assert witness["details"] == {"party": "coordinator", "seq": details["final_seq"], "head": details["final_head"]}
 
 
 def test_dp_spend_is_recorded_and_witnessed(dp_run):
@@ -290,3 +318,4 @@ def test_late_silo_receives_the_key_and_joins(tmp_path):
         entries = [json.loads(line) for line in (tmp_path / "silos" / name / "audit.jsonl").read_text().splitlines()]
         received = [e["details"] for e in entries if e["action"] == "key.received"]
         assert received == [{"sealed_by_fingerprint": holder_fp, "holder_pinned": True}], name
+    _assert_closing_exchange(tmp_path, ["cleveland", "hungary", "switzerland", "va"], "completed")
