@@ -81,21 +81,24 @@ def _enrol(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
 def _keygen(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
     peers = {k[len("peer_"):]: _bytes(v) for k, v in arrays.items() if k.startswith("peer_")}
     aggregator, sealed = silo.make_study_key(peers)
-    _log_unpinned(silo, peers, sealed)
+    _log_sealing(silo, peers, sealed)
     return {m.AGG_CTX: _u8(aggregator), **{m.sealed_key(p): _u8(b) for p, b in sealed.items()}}, None, None
 
 
 def _keyshare(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
     peers = {k[len("peer_"):]: _bytes(v) for k, v in arrays.items() if k.startswith("peer_")}
     sealed = silo.share_study_key(peers)
-    _log_unpinned(silo, peers, sealed)
+    _log_sealing(silo, peers, sealed)
     return {m.sealed_key(p): _u8(b) for p, b in sealed.items()}, None, None
 
 
-def _log_unpinned(silo, peers: dict[str, bytes], sealed: dict[str, bytes]) -> None:
-    for peer in sorted(set(peers) - set(sealed)):  # not pinned by silo IT: possibly substituted
-        if silo.audit is not None:
-            silo.audit.append("key.refused_unpinned", f"node-{peer}", {"fingerprint": hashlib.sha256(peers[peer]).hexdigest()})
+def _log_sealing(silo, peers: dict[str, bytes], sealed: dict[str, bytes]) -> None:
+    """The key holder's record of each key it sealed the study key to, and each it refused."""
+    if silo.audit is None:
+        return
+    for peer in sorted(peers):
+        action = "key.sealed" if peer in sealed else "key.refused_unpinned"  # unpinned: possibly substituted
+        silo.audit.append(action, f"node-{peer}", {"fingerprint": hashlib.sha256(peers[peer]).hexdigest()})
 
 
 def _keyrecv(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:

@@ -164,7 +164,9 @@ def test_only_the_named_holder_makes_the_key_and_unnamed_pins_are_refused(tmp_pa
 
 
 def test_refused_key_is_audit_logged_and_nothing_stored(tmp_path):
-    """Through the silo service's handler: the refusal names the key and lands in the silo's log."""
+    """Through the silo service's handler: the refusal names the key and lands in the silo's log;
+    the holder's log names every key it sealed to and every unpinned one it refused."""
+    import hashlib
     import json
 
     from policies import messages as msg
@@ -183,7 +185,16 @@ def test_refused_key_is_audit_logged_and_nothing_stored(tmp_path):
     reply, out = handle(hungary, log, msg.KEYRECV, req.model_dump(), arrays)
     assert reply["status"] == "refused" and "not the pinned key holder" in reply["reason"] and out == {}
     assert not (tmp_path / "hungary" / "keys" / f"study-{study.id}.ckks-secret").exists()
-    _, sealed = holder.make_study_key({"hungary": hungary.enrolment_public()})
+    holder.audit = open_party_log(tmp_path / "cleveland", "cleveland", "silo")
+    peers = {"7": np.frombuffer(hungary.enrolment_public(), dtype=np.uint8),
+             "8": np.frombuffer(impostor.public_bytes(), dtype=np.uint8)}
+    reply, out = handle(holder, holder.audit, msg.KEYGEN, req.model_dump(), {msg.peer_key(n): v for n, v in peers.items()})
+    assert reply["status"] == "ok" and set(out) == {msg.AGG_CTX, msg.sealed_key("7")}
+    sealed = {"hungary": out[msg.sealed_key("7")].tobytes()}
+    holder_log = [json.loads(line) for line in holder.audit.path.read_text().splitlines()]
+    assert [(e["action"], e["subject"], e["details"]["fingerprint"]) for e in holder_log if e["action"].startswith("key.")] == [
+        ("key.sealed", "node-7", hashlib.sha256(hungary.enrolment_public()).hexdigest()),
+        ("key.refused_unpinned", "node-8", hashlib.sha256(impostor.public_bytes()).hexdigest())]
     reply, _ = handle(hungary, log, msg.KEYRECV, req.model_copy(update={"nonce": msg.new_nonce()}).model_dump(),
                       {msg.SEALED: np.frombuffer(sealed["hungary"], dtype=np.uint8)})
     assert reply["status"] == "ok"
@@ -191,7 +202,5 @@ def test_refused_key_is_audit_logged_and_nothing_stored(tmp_path):
     refused = [e for e in entries if e["action"] == "keyrecv.refused"]
     assert len(refused) == 1 and impostor.fingerprint() in refused[0]["details"]["reason"]
     received = [e for e in entries if e["action"] == "key.received"]
-    import hashlib
-
     assert received[0]["details"] == {"sealed_by_fingerprint": hashlib.sha256(holder.enrolment_public()).hexdigest(),
                                       "holder_pinned": True}
