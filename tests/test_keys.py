@@ -184,3 +184,23 @@ def test_sealed_ckks_secret_context_end_to_end(tmp_path):
     ctx_b = ckks.load_context(keys.load_study_secret(tmp_path / "b", "heart-disease"), params)
     blob = ckks.encrypt_vector(ctx_a, np.arange(5.0), params=params)
     assert np.allclose(ckks.decrypt_vector(ctx_b, blob), np.arange(5.0), atol=1e-6)
+
+
+def test_pins_name_peers_and_bad_pins_record_nothing(tmp_path):
+    from policies.study import load_study, shipped_study
+    from silo_node.approval import approve, key_holder_pins, load_approval
+
+    study = load_study(shipped_study())
+    cleveland = EnrolmentKey.load_or_create(tmp_path / "cleveland").fingerprint()
+    va = EnrolmentKey.load_or_create(tmp_path / "va").fingerprint()
+    for bad, why in (("cleveland=", "not FINGERPRINT"), ("=abcd", "not FINGERPRINT"), ("xyz", "not FINGERPRINT")):
+        with pytest.raises(PolicyError, match=why):
+            approve(tmp_path / "me", study, [bad], "it")
+    with pytest.raises(PolicyError, match="two different fingerprints"):
+        approve(tmp_path / "me", study, [f"cleveland={cleveland}", f"cleveland={va}"], "it")
+    assert load_approval(tmp_path / "me", study) is None  # nothing recorded
+    approval = approve(tmp_path / "me", study, [f"cleveland={cleveland.upper()}", va.replace(" ", ":")], "it")
+    assert approval.pin_for("cleveland") == cleveland.replace(" ", "") and approval.pin_for("va") is None
+    assert load_approval(tmp_path / "me", study) == approval  # survives the round trip to disk
+    assert key_holder_pins(approval, study) == (cleveland.replace(" ", ""),)  # only the named holder counts
+    assert key_holder_pins(None, study) is None  # no approval, no pins: trust on first use
