@@ -23,7 +23,7 @@ bench: $(STAMP)
 	$(PY) bench/accuracy_heart.py
 	$(PY) bench/he_aggregation.py
 	$(PY) bench/he_precision.py
-	$(PY) bench/dp_cost.py
+	$(PY) bench/dp_overhead.py
 	$(PY) bench/audit_throughput.py
 	$(PY) bench/round_latency.py
 

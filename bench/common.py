@@ -94,3 +94,24 @@ def accuracies(per_silo_counts: dict[str, np.ndarray]) -> tuple[dict[str, float]
     """(accuracy per hospital, metrics of the pooled test set) from evaluation counts."""
     centre = {n: metrics_from_counts(c)["accuracy"] for n, c in per_silo_counts.items()}
     return centre, metrics_from_counts(sum_vectors(list(per_silo_counts.values())))
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is missing (plots are optional)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out, write at the benchmarks' common resolution, and free the figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
