@@ -47,17 +47,18 @@ def briefing(ctx: PageContext, study: data.StudyView) -> None:
     st.markdown("**Will take part** (validated enrolments): " + (", ".join(taking_part) or "none yet"))
 
 
-def decision(ctx: PageContext, study: data.StudyView) -> None:
+def decision(ctx: PageContext, study: data.StudyView) -> int | None:
+    """Offer the round to decide (returns its number, or None when nothing waits)."""
     st.subheader("Next round")
     if not study.in_store or study.spec is None:
         st.caption("Decisions are recorded in the store; this study is shown read-only.")
-        return
+        return None
     round_no = data.next_round_to_decide(ctx.store, study)
     if round_no is None:
         mode = study.spec.approval
         st.caption(f"Nothing waits for a decision (approval: {mode.mode}"
                    + (f", rounds up to {mode.auto_rounds} approve themselves)." if mode.mode == "auto" else ")."))
-        return
+        return None
     st.markdown(f"Round **{round_no}** of {study.spec.training.rounds} waits for a decision"
                 + (" (round 0 is the statistics round)." if round_no == 0 else "."))
     briefing(ctx, study)
@@ -68,6 +69,7 @@ def decision(ctx: PageContext, study: data.StudyView) -> None:
     for col, (choice, label, kind) in zip(cols, BUTTONS):
         if col.button(label, key=f"decide_{choice}", type=kind, disabled=not ctx.can_write):
             decide(ctx, study, round_no, choice, note)
+    return round_no
 
 
 def decide(ctx: PageContext, study: data.StudyView, round_no: int, choice: str, note: str) -> None:
@@ -81,11 +83,18 @@ def decide(ctx: PageContext, study: data.StudyView, round_no: int, choice: str, 
     st.rerun()
 
 
-def live(ctx: PageContext, study: data.StudyView) -> None:
+def live(ctx: PageContext, study: data.StudyView, offered: int | None) -> None:
+    """Who was asked, replied and refused per round, and the pooled metrics as they are revealed.
+
+    Refreshes itself every LIVE_SECONDS; when the coordinator starts waiting on a different
+    round than the one `decision` offered, the whole page reruns to offer it.
+    """
     @st.fragment(run_every=LIVE_SECONDS)
     def view() -> None:
         if auth.idle_expired():
             st.rerun(scope="app")  # the full run signs the idle session out
+        if data.next_round_to_decide(ctx.store, study) != offered:
+            st.rerun(scope="app")
         summary = data.summary_for(ctx.state, study)
         if summary:
             st.markdown(f"Coordinator: **{summary.get('status', '?')}**"
@@ -94,7 +103,13 @@ def live(ctx: PageContext, study: data.StudyView) -> None:
         if table.empty:
             st.caption("No round has started yet.")
         else:
-            st.dataframe(table, hide_index=True, width="stretch")
+            st.dataframe(table, hide_index=True, width="stretch", key="live_rounds")
+        metrics = data.pooled_history(ctx.store, study, summary)
+        if not metrics.empty:
+            st.markdown("**Pooled test metrics** (of the model after each round's training; revealed one phase later)")
+            shown = metrics[["round", *[c for c in data.METRICS if c in metrics], "n"]].round(4)
+            st.dataframe(shown.rename(columns={"round": "model after round"}),
+                         hide_index=True, width="stretch", key="live_metrics")
         st.caption(f"Refreshes every {LIVE_SECONDS} s.")
 
     st.subheader("Rounds")
@@ -114,6 +129,6 @@ ctx = page_context()
 st.title("Rounds")
 study = show_study(ctx)
 show_flash()
-decision(ctx, study)
-live(ctx, study)
+offered = decision(ctx, study)
+live(ctx, study, offered)
 approvals(ctx, study)
