@@ -369,6 +369,11 @@ def audit_frame(logs: Iterable[PartyLog]) -> tuple[pd.DataFrame, list[str]]:
 
 
 
+def status_now(store: Store, study: StudyView) -> str:
+    """The study version's status in the store now (a view's status is from the page's last run)."""
+    return store.get_study(study.id, study.version).status if study.in_store else study.status
+
+
 def next_round_to_decide(store: Store, study: StudyView) -> int | None:
     """The round the lead should decide now, or None.
 
@@ -396,5 +401,5 @@ __all__ = [
     "BENCH_FILE", "BENCH_LABEL", "DB_ENV", "HEART_STUDY", "METRICS", "STATE_ENV", "SUPPRESSED", "PartyLog", "Reference",
     "StudyView", "audit_frame", "db_url", "evaluation_csv", "find_view", "get_store", "parse_policy", "party_logs",
     "party_public_keys", "per_silo_table", "pooled_history", "privacy_table", "read_summary", "reference_lines",
-    "next_round_to_decide", "rounds_table", "state_dir", "study_views", "summary_for", "summary_view", "templates", "upload_text", "validation_summary",
+    "next_round_to_decide", "rounds_table", "state_dir", "status_now", "study_views", "summary_for", "summary_view", "templates", "upload_text", "validation_summary",
 ]

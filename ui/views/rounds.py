@@ -20,31 +20,36 @@ BUTTONS = (("approve", "Approve", "primary"), ("hold", "Hold", "secondary"), ("r
 
 def briefing(ctx: PageContext, study: data.StudyView) -> None:
     """Last round's pooled metrics, each silo's spend, and who will take part."""
-    history = data.pooled_history(ctx.store, study, ctx.summary)
     c1, c2 = st.columns(2)
     with c1:
-        st.markdown("**Last pooled evaluation**")
-        if history.empty:
-            st.caption("No evaluation yet.")
-        else:
-            last = history.iloc[-1]
-            st.caption(f"model after {int(last['round'])} round(s), {int(last['n'] or 0)} test rows")
-            m = st.columns(3)
-            for col, name in zip(m, ("accuracy", "sensitivity", "specificity")):
-                value = last.get(name)
-                col.metric(name, "-" if value is None or pd.isna(value) else f"{value:.3f}")
+        latest_pooled(data.pooled_history(ctx.store, study, ctx.summary), ("accuracy", "sensitivity", "specificity"))
     with c2:
         st.markdown("**Privacy spent so far**")
         spend = data.privacy_table(ctx.store, study, ctx.summary)
-        if spend.empty:
-            st.caption("No spend reported.")
+        if study.spec is not None and study.spec.dp is None:
+            st.caption("This study's policy uses no differential privacy.")
+        elif spend.empty:
+            st.caption("No spend reported yet.")
         else:
             st.dataframe(spend[["silo", "epsilon_spent", "epsilon_budget", "rounds_left"]], hide_index=True)
     enrolled = ctx.store.list_enrolments(study.id, version=study.version) if study.in_store else []
-    online = {s.name: s.online for s in ctx.store.list_silos()}
-    taking_part = [f"{e.silo} ({'online' if online.get(e.silo) else 'offline'})" for e in enrolled
+    state = {s.name: "online" if s.online else "offline" for s in ctx.store.list_silos()}
+    taking_part = [f"{e.silo} ({state.get(e.silo, 'connection not recorded')})" for e in enrolled
                    if e.status == "validated"]
     st.markdown("**Will take part** (validated enrolments): " + (", ".join(taking_part) or "none yet"))
+
+
+def latest_pooled(history: pd.DataFrame, names: tuple[str, ...]) -> None:
+    """The last revealed pooled evaluation as big numbers (what a lead decides on)."""
+    st.markdown("**Last pooled evaluation**")
+    if history.empty:
+        st.caption("No evaluation yet.")
+        return
+    last = history.iloc[-1]
+    st.caption(f"model after {int(last['round'])} round(s), {int(last['n'] or 0)} test rows")
+    for col, name in zip(st.columns(len(names)), names):
+        value = last.get(name)
+        col.metric(name, "-" if value is None or pd.isna(value) else f"{value:.3f}")
 
 
 def decision(ctx: PageContext, study: data.StudyView) -> int | None:
@@ -93,8 +98,8 @@ def live(ctx: PageContext, study: data.StudyView, offered: int | None) -> None:
     def view() -> None:
         if auth.idle_expired():
             st.rerun(scope="app")  # the full run signs the idle session out
-        if data.next_round_to_decide(ctx.store, study) != offered:
-            st.rerun(scope="app")
+        if data.next_round_to_decide(ctx.store, study) != offered or data.status_now(ctx.store, study) != study.status:
+            st.rerun(scope="app")  # a new round to decide, or the study moved on: redraw the whole page
         summary = data.summary_for(ctx.state, study)
         if summary:
             st.markdown(f"Coordinator: **{summary.get('status', '?')}**"
@@ -103,13 +108,13 @@ def live(ctx: PageContext, study: data.StudyView, offered: int | None) -> None:
         if table.empty:
             st.caption("No round has started yet.")
         else:
-            st.dataframe(table, hide_index=True, width="stretch", key="live_rounds")
+            st.dataframe(table, hide_index=True, width="stretch")
         metrics = data.pooled_history(ctx.store, study, summary)
         if not metrics.empty:
-            st.markdown("**Pooled test metrics** (of the model after each round's training; revealed one phase later)")
+            latest_pooled(metrics, data.METRICS)
             shown = metrics[["round", *[c for c in data.METRICS if c in metrics], "n"]].round(4)
-            st.dataframe(shown.rename(columns={"round": "model after round"}),
-                         hide_index=True, width="stretch", key="live_metrics")
+            st.dataframe(shown.rename(columns={"round": "model after round"}), hide_index=True, width="stretch")
+            st.caption("Pooled test metrics of the model after each round's training, revealed one phase later.")
         st.caption(f"Refreshes every {LIVE_SECONDS} s.")
 
     st.subheader("Rounds")

@@ -68,6 +68,8 @@ def uploaded_policy() -> str:
     upload = st.file_uploader(f"Study policy (YAML, at most {MAX_POLICY_BYTES:,} bytes)", type=["yaml", "yml"],
                               key="policy_upload", max_upload_size=UPLOAD_LIMIT_MB)
     if upload is None:
+        st.caption(f"A file over {UPLOAD_LIMIT_MB} MB is refused by the page before it is sent (it shows in red: "
+                   f"\"File must be {UPLOAD_LIMIT_MB:.1f}MB or smaller.\"); nothing is stored.")
         return ""
     try:
         text = data.upload_text(upload.name, upload.getvalue())
