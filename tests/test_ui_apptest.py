@@ -211,13 +211,22 @@ def test_silos_page_shows_counts_spend_and_connections(state: Path) -> None:
     assert conn.loc["va", "state"] == "offline" and conn.loc["hungary", "state"] == "online"
 
 
+def test_a_silo_never_seen_is_not_called_offline(state: Path, store: Store) -> None:
+    """A silo row made by registration alone has no heartbeat: the page says it does not know."""
+    store.register_silo("late-silo", key_fingerprint="fp-late")
+    at = on(app("aud"), "views/silos.py")
+    conn = at.dataframe[-1].value.set_index("silo")
+    assert conn.loc["late-silo", "state"] == "not recorded" and conn.loc["va", "state"] == "offline"
+    assert any("recorded no heartbeat" in c.value for c in at.caption)
+
+
 # ----------------------------------------------------------------------------- rounds
 
 
 def test_lead_approves_the_waiting_round(state: Path, store: Store) -> None:
     at = on(app("lead"), "views/rounds.py")
     assert any("Round **2**" in m.value for m in at.markdown)
-    assert any("Will take part" in m.value and "va (offline)" in m.value for m in at.markdown)
+    assert any("Will take part" in m.value and "va (connection: offline)" in m.value for m in at.markdown)
     at.text_area[0].input("metrics look fine").run()
     at.button(key="decide_approve").click().run()
     assert not at.exception and not at.error

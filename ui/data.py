@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from coordinator.store import Store, StudyRow, needs_manual_approval, open_store
+from coordinator.store import SiloRow, Store, StudyRow, needs_manual_approval, open_store
 from policies.audit import AUDIT_FILE, AUDIT_KEY_FILE, PartyKey
 from policies.errors import PolicyError
 from policies.study import STUDIES_DIR, StudySpec, load_study, load_study_text
@@ -305,6 +305,20 @@ def privacy_table(store: Store | None, study: StudyView, summary: Mapping[str, A
     return pd.DataFrame(list(latest.values()))
 
 
+NOT_RECORDED = "not recorded"
+
+
+def connection_state(silo: SiloRow | None) -> str:
+    """online / offline as the coordinator last recorded it; "not recorded" if it never did.
+
+    A silo row can exist before any heartbeat (an enrolment creates it): without a last-seen
+    time, "offline" would be a guess, so the page says it does not know.
+    """
+    if silo is None or silo.last_seen is None:
+        return NOT_RECORDED
+    return "online" if silo.online else "offline"
+
+
 def validation_summary(report: Mapping[str, Any] | None) -> dict[str, Any]:
     """Counts from a silo's validation report: rows and how many rules passed, warned, failed."""
     if not report:
@@ -398,7 +412,7 @@ def next_round_to_decide(store: Store, study: StudyView) -> int | None:
 
 
 __all__ = [
-    "BENCH_FILE", "BENCH_LABEL", "DB_ENV", "HEART_STUDY", "METRICS", "STATE_ENV", "SUPPRESSED", "PartyLog", "Reference",
+    "BENCH_FILE", "BENCH_LABEL", "NOT_RECORDED", "connection_state", "DB_ENV", "HEART_STUDY", "METRICS", "STATE_ENV", "SUPPRESSED", "PartyLog", "Reference",
     "StudyView", "audit_frame", "db_url", "evaluation_csv", "find_view", "get_store", "parse_policy", "party_logs",
     "party_public_keys", "per_silo_table", "pooled_history", "privacy_table", "read_summary", "reference_lines",
     "next_round_to_decide", "rounds_table", "state_dir", "status_now", "study_views", "summary_for", "summary_view", "templates", "upload_text", "validation_summary",

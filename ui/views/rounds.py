@@ -33,8 +33,8 @@ def briefing(ctx: PageContext, study: data.StudyView) -> None:
         else:
             st.dataframe(spend[["silo", "epsilon_spent", "epsilon_budget", "rounds_left"]], hide_index=True)
     enrolled = ctx.store.list_enrolments(study.id, version=study.version) if study.in_store else []
-    state = {s.name: "online" if s.online else "offline" for s in ctx.store.list_silos()}
-    taking_part = [f"{e.silo} ({state.get(e.silo, 'connection not recorded')})" for e in enrolled
+    silos = {s.name: s for s in ctx.store.list_silos()}
+    taking_part = [f"{e.silo} (connection: {data.connection_state(silos.get(e.silo))})" for e in enrolled
                    if e.status == "validated"]
     st.markdown("**Will take part** (validated enrolments): " + (", ".join(taking_part) or "none yet"))
 

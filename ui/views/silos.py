@@ -37,12 +37,15 @@ def connections(ctx: PageContext) -> None:
     st.subheader("Connections")
     silos = ctx.store.list_silos()
     if not silos:
-        st.caption("The store holds no connection records (the coordinator has not recorded any), so online or "
-                   "offline is not known here; the Rounds page shows who replied in each round.")
+        st.caption("No silo is known to this coordinator yet.")
         return
+    states = [data.connection_state(s) for s in silos]
     st.dataframe(pd.DataFrame([
-        {"silo": s.name, "state": "online" if s.online else "offline", "last seen": s.last_seen,
-         "enrolment key": (s.key_fingerprint or "-")[:24]} for s in silos]), hide_index=True, width="stretch")
+        {"silo": s.name, "state": state, "last seen": s.last_seen, "enrolment key": (s.key_fingerprint or "-")[:24]}
+        for s, state in zip(silos, states)]), hide_index=True, width="stretch")
+    if data.NOT_RECORDED in states:
+        st.caption(f"\"{data.NOT_RECORDED}\": the coordinator has recorded no heartbeat from that silo, so whether it "
+                   "is connected is not known here; the Rounds page shows who replied in each round.")
 
 
 def privacy(ctx: PageContext, study: data.StudyView) -> None:
