@@ -250,8 +250,8 @@ def test_lead_can_hold_then_approve(state: Path, store: Store) -> None:
 
 
 def test_the_round_the_coordinator_waits_on_is_offered(tmp_path: Path) -> None:
-    """The ServerApp gates rounds 1..N (not the statistics round 0): whatever it asked the store
-    to approve is what the page offers, even when round 0 was approved ahead and never "started"."""
+    """Whatever the ServerApp asked the store to approve is what the page offers; ahead of that,
+    only training rounds (the ServerApp gates rounds 1..N, not the statistics round 0)."""
     from ui import data
 
     with open_store(None, tmp_path) as store:
@@ -261,13 +261,16 @@ def test_the_round_the_coordinator_waits_on_is_offered(tmp_path: Path) -> None:
             store.record_enrolment(STUDY, silo, "validated")
         transition(store, STUDY, "running", "lead")
         view = data.study_views(store, tmp_path)[0]
-        assert data.next_round_to_decide(store, view) == 0, "a lead may decide ahead"
-        store.record_approval(STUDY, 0, "approve", "lead")
-        assert data.next_round_to_decide(store, view) is None
-        store.request_approval(STUDY, 1)  # what the ServerApp's gate does before round 1
-        assert data.next_round_to_decide(store, view) == 1
-        store.record_approval(STUDY, 1, "hold", "lead")
-        assert data.next_round_to_decide(store, view) == 1, "a held round still waits"
+        assert data.next_round_to_decide(store, view) == 1, "a lead may decide the first training round ahead"
+        store.record_approval(STUDY, 1, "approve", "lead")
+        assert data.next_round_to_decide(store, view) is None, "one round at a time"
+        store.record_round_start(STUDY, 1, list(SILOS[:3]))
+        store.record_round_finish(STUDY, 1, list(SILOS[:3]), {})
+        store.request_approval(STUDY, 2)  # what the ServerApp's gate does before round 2
+        store.record_approval(STUDY, 2, "hold", "lead")
+        assert data.next_round_to_decide(store, view) == 2, "a held round still waits"
+        store.request_approval(STUDY, 0)  # a coordinator that gates the statistics round too
+        assert data.next_round_to_decide(store, view) == 0
 
 
 def test_auditor_cannot_approve_even_by_a_forced_click(state: Path, store: Store) -> None:

@@ -392,9 +392,11 @@ def next_round_to_decide(store: Store, study: StudyView) -> int | None:
     """The round the lead should decide now, or None.
 
     First a round the coordinator is waiting on (it asked the store for approval: waiting or
-    held). Otherwise the lowest gated round after the last started one, so a lead may decide
-    ahead; only one round is offered at a time, so the lead decides with the previous round's
-    results in hand. Rounds the policy auto-approves need no decision.
+    held). Otherwise the lowest gated training round after the last started one, so a lead may
+    decide ahead; only one round is offered at a time, so the lead decides with the previous
+    round's results in hand. Rounds the policy auto-approves need no decision. The statistics
+    round 0 is offered only when the coordinator asks for it: today's ServerApp gates training
+    rounds only, and a decision that gates nothing must not look like one that does.
     """
     if study.spec is None or not study.in_store:
         return None
@@ -403,8 +405,8 @@ def next_round_to_decide(store: Store, study: StudyView) -> int | None:
     if waiting:
         return waiting[0]
     started = [n for n, r in rounds.items() if r.status in ("running", "finished", "failed")]
-    first = max(started) + 1 if started else 0
-    for n in range(first, study.spec.training.rounds + 1):
+    first = max(started) + 1 if started else 1
+    for n in range(max(first, 1), study.spec.training.rounds + 1):
         if not needs_manual_approval(study.spec, n):
             continue
         return n if n not in rounds else None  # decided already and not started yet: nothing to add
