@@ -225,7 +225,7 @@ def test_a_silo_never_seen_is_not_called_offline(state: Path, store: Store) -> N
 
 def test_lead_approves_the_waiting_round(state: Path, store: Store) -> None:
     at = on(app("lead"), "views/rounds.py")
-    assert any("Round **2**" in m.value for m in at.markdown)
+    assert any(m.value.startswith("Round **2** of 4 waits for a decision: the coordinator holds it") for m in at.markdown)
     assert any("Will take part" in m.value and "va (connection: offline)" in m.value for m in at.markdown)
     at.text_area[0].input("metrics look fine").run()
     at.button(key="decide_approve").click().run()
@@ -261,14 +261,14 @@ def test_the_round_the_coordinator_waits_on_is_offered(tmp_path: Path) -> None:
             store.record_enrolment(STUDY, silo, "validated")
         transition(store, STUDY, "running", "lead")
         view = data.study_views(store, tmp_path)[0]
-        assert data.next_round_to_decide(store, view) == 1, "a lead may decide the first training round ahead"
+        assert data.offer(store, view) == (1, False), "a lead may decide the first training round ahead"
         store.record_approval(STUDY, 1, "approve", "lead")
         assert data.next_round_to_decide(store, view) is None, "one round at a time"
         store.record_round_start(STUDY, 1, list(SILOS[:3]))
         store.record_round_finish(STUDY, 1, list(SILOS[:3]), {})
         store.request_approval(STUDY, 2)  # what the ServerApp's gate does before round 2
         store.record_approval(STUDY, 2, "hold", "lead")
-        assert data.next_round_to_decide(store, view) == 2, "a held round still waits"
+        assert data.offer(store, view) == (2, True), "a held round still waits at the gate"
         store.request_approval(STUDY, 0)  # a coordinator that gates the statistics round too
         assert data.next_round_to_decide(store, view) == 0
 

@@ -311,8 +311,10 @@ def test_lead_approves_a_round_a_real_federation_waits_on(federation, page: Page
 
     # The federation runs the study the lead opened; its gate waits for round 1.
     go(page, "Rounds")
+    expect(page.get_by_text("Round 1 of 1 may be decided ahead")).to_be_visible(timeout=WAIT)
     fed.submit({"study-path": str(study_path), "state-dir": str(state), "expected-silos": len(FEDERATED_SILOS)})
-    expect(page.get_by_text(re.compile(r"^Round 1 of 1 waits for a decision"))).to_be_visible(timeout=FEDERATION_WAIT)
+    expect(page.get_by_text(re.compile(r"^Round 1 of 1 waits for a decision: the coordinator holds it"))).to_be_visible(
+        timeout=FEDERATION_WAIT)  # the page noticed by itself: no reload, no click
     expect(page.get_by_text("Coordinator: round 1 waiting for approval")).to_be_visible(timeout=WAIT)
     with open_store(None, state) as store:
         assert store.get_round("heart-disease", 1).status == "waiting_approval"

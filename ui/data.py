@@ -383,6 +383,18 @@ def audit_frame(logs: Iterable[PartyLog]) -> tuple[pd.DataFrame, list[str]]:
 
 
 
+AT_THE_GATE = ("waiting_approval", "held")  # round statuses while the ServerApp's gate waits on them
+
+
+def offer(store: Store, study: StudyView) -> tuple[int, bool] | None:
+    """The round to decide and whether the coordinator is already waiting on it (else: ahead)."""
+    round_no = next_round_to_decide(store, study)
+    if round_no is None:
+        return None
+    rnd = store.get_round(study.id, round_no, version=study.version)
+    return round_no, rnd is not None and rnd.status in AT_THE_GATE
+
+
 def status_now(store: Store, study: StudyView) -> str:
     """The study version's status in the store now (a view's status is from the page's last run)."""
     return store.get_study(study.id, study.version).status if study.in_store else study.status
@@ -401,7 +413,7 @@ def next_round_to_decide(store: Store, study: StudyView) -> int | None:
     if study.spec is None or not study.in_store:
         return None
     rounds = {r.round_no: r for r in store.list_rounds(study.id, version=study.version)}
-    waiting = sorted(n for n, r in rounds.items() if r.status in ("waiting_approval", "held"))
+    waiting = sorted(n for n, r in rounds.items() if r.status in AT_THE_GATE)
     if waiting:
         return waiting[0]
     started = [n for n, r in rounds.items() if r.status in ("running", "finished", "failed")]
@@ -414,7 +426,7 @@ def next_round_to_decide(store: Store, study: StudyView) -> int | None:
 
 
 __all__ = [
-    "BENCH_FILE", "BENCH_LABEL", "NOT_RECORDED", "connection_state", "DB_ENV", "HEART_STUDY", "METRICS", "STATE_ENV", "SUPPRESSED", "PartyLog", "Reference",
+    "BENCH_FILE", "BENCH_LABEL", "AT_THE_GATE", "NOT_RECORDED", "connection_state", "offer", "DB_ENV", "HEART_STUDY", "METRICS", "STATE_ENV", "SUPPRESSED", "PartyLog", "Reference",
     "StudyView", "audit_frame", "db_url", "evaluation_csv", "find_view", "get_store", "parse_policy", "party_logs",
     "party_public_keys", "per_silo_table", "pooled_history", "privacy_table", "read_summary", "reference_lines",
     "next_round_to_decide", "rounds_table", "state_dir", "status_now", "study_views", "summary_for", "summary_view", "templates", "upload_text", "validation_summary",

@@ -52,20 +52,23 @@ def latest_pooled(history: pd.DataFrame, names: tuple[str, ...]) -> None:
         col.metric(name, "-" if value is None or pd.isna(value) else f"{value:.3f}")
 
 
-def decision(ctx: PageContext, study: data.StudyView) -> int | None:
-    """Offer the round to decide (returns its number, or None when nothing waits)."""
+def decision(ctx: PageContext, study: data.StudyView) -> tuple[int, bool] | None:
+    """Offer the round to decide; returns what was offered (see `data.offer`), or None."""
     st.subheader("Next round")
     if not study.in_store or study.spec is None:
         st.caption("Decisions are recorded in the store; this study is shown read-only.")
         return None
-    round_no = data.next_round_to_decide(ctx.store, study)
-    if round_no is None:
+    offered = data.offer(ctx.store, study)
+    if offered is None:
         mode = study.spec.approval
         st.caption(f"Nothing waits for a decision (approval: {mode.mode}"
                    + (f", rounds up to {mode.auto_rounds} approve themselves)." if mode.mode == "auto" else ")."))
         return None
-    st.markdown(f"Round **{round_no}** of {study.spec.training.rounds} waits for a decision"
-                + (" (round 0 is the statistics round)." if round_no == 0 else "."))
+    round_no, at_gate = offered
+    what = (" (round 0 is the statistics round)" if round_no == 0 else "")
+    st.markdown(f"Round **{round_no}** of {study.spec.training.rounds}{what} "
+                + ("waits for a decision: the coordinator holds it at the approval gate." if at_gate else
+                   "may be decided ahead: the coordinator has not reached it yet."))
     briefing(ctx, study)
     no_write_hint(ctx, "decide rounds")
     note = st.text_area("Note (kept in the store with the decision)", key=f"note_{study.key}_{round_no}",
@@ -74,7 +77,7 @@ def decision(ctx: PageContext, study: data.StudyView) -> int | None:
     for col, (choice, label, kind) in zip(cols, BUTTONS):
         if col.button(label, key=f"decide_{choice}", type=kind, disabled=not ctx.can_write):
             decide(ctx, study, round_no, choice, note)
-    return round_no
+    return offered
 
 
 def decide(ctx: PageContext, study: data.StudyView, round_no: int, choice: str, note: str) -> None:
@@ -88,7 +91,7 @@ def decide(ctx: PageContext, study: data.StudyView, round_no: int, choice: str, 
     st.rerun()
 
 
-def live(ctx: PageContext, study: data.StudyView, offered: int | None) -> None:
+def live(ctx: PageContext, study: data.StudyView, offered: tuple[int, bool] | None) -> None:
     """Who was asked, replied and refused per round, and the pooled metrics as they are revealed.
 
     Refreshes itself every LIVE_SECONDS; when the coordinator starts waiting on a different
@@ -98,7 +101,7 @@ def live(ctx: PageContext, study: data.StudyView, offered: int | None) -> None:
     def view() -> None:
         if auth.idle_expired():
             st.rerun(scope="app")  # the full run signs the idle session out
-        if data.next_round_to_decide(ctx.store, study) != offered or data.status_now(ctx.store, study) != study.status:
+        if data.offer(ctx.store, study) != offered or data.status_now(ctx.store, study) != study.status:
             st.rerun(scope="app")  # a new round to decide, or the study moved on: redraw the whole page
         summary = data.summary_for(ctx.state, study)
         if summary:
