@@ -38,7 +38,7 @@ from coordinator.runtime import LocalFederation, SiloSpec, local_federation  # n
 from coordinator.store import open_store  # noqa: E402
 from policies.audit import verify_bundle  # noqa: E402
 from policies.study import load_study, shipped_study  # noqa: E402
-from test_ui_apptest import PASSWORDS, STUDY, build_state, store_snapshot  # noqa: E402
+from test_ui_apptest import PASSWORDS, build_state, store_snapshot  # noqa: E402
 from ui.__main__ import streamlit_argv  # noqa: E402  (the exact command `coordinator ui` runs)
 
 pytestmark = pytest.mark.slow
@@ -165,7 +165,10 @@ def verify_and_export(page: Page, folder: Path) -> Path:
     return bundle
 
 
-def test_lead_runs_a_study_end_to_end(server: tuple[str, Path], page: Page, tmp_path: Path) -> None:
+def test_lead_sees_the_charts_and_creates_from_a_template(server: tuple[str, Path], page: Page,
+                                                          tmp_path: Path) -> None:
+    """On a made-up mid-study state (several rounds, so the README's two screenshots say something);
+    approving and the audit trail are the real-federation test's job."""
     url, state = server
     sign_in(page, url, "lead")
     expect(page.get_by_text("role: lead")).to_be_visible()
@@ -177,16 +180,6 @@ def test_lead_runs_a_study_end_to_end(server: tuple[str, Path], page: Page, tmp_
     expect(page.get_by_text("Reference lines from bench/results/accuracy_heart.json")).to_be_visible()
     shot(page, tmp_path / "screenshots", "evaluations", docs=True)
 
-    go(page, "Rounds")
-    expect(page.get_by_text("waits for a decision")).to_be_visible(timeout=WAIT)
-    page.get_by_label("Note (kept in the store with the decision)").fill("pooled accuracy improving")
-    page.get_by_role("button", name="Approve").click()
-    expect(page.get_by_text("Round 3: approve recorded by lead")).to_be_visible(timeout=WAIT)
-    shot(page, tmp_path / "screenshots", "rounds-approved")
-    with open_store(None, state) as store:
-        approval = store.approval_for(STUDY, 3)
-        assert (approval.decision, approval.user, approval.note) == ("approve", "lead", "pooled accuracy improving")
-
     go(page, "Studies")
     page.get_by_label("Study id (optional; default: the policy's id)").fill("heart-trial-2")
     page.get_by_role("button", name="Create from template").click()
@@ -196,11 +189,8 @@ def test_lead_runs_a_study_end_to_end(server: tuple[str, Path], page: Page, tmp_
     expect(page.get_by_text("heart-trial-2 v1: draft → open")).to_be_visible(timeout=WAIT)
     shot(page, tmp_path / "screenshots", "study-created")
 
-    verify_and_export(page, tmp_path)
-    shot(page, tmp_path / "screenshots", "audit-exported")
     actions = [(e.action, e.actor) for e in users.coordinator_log(state).entries()]
-    for expected in [("user.login", "lead"), ("round.approved", "lead"), ("study.created", "lead"),
-                     ("study.status_changed", "lead"), ("audit.exported", "lead")]:
+    for expected in [("user.login", "lead"), ("study.created", "lead"), ("study.status_changed", "lead")]:
         assert expected in actions
 
     page.get_by_role("button", name="Sign out").click()
