@@ -120,7 +120,14 @@ def shot(page: Page, folder: Path, name: str, docs: bool = False) -> None:
     page.wait_for_function("document.querySelectorAll('[data-stale=\"true\"]').length === 0", timeout=WAIT)
     page.wait_for_timeout(800)  # let charts finish their transition
     path = folder / f"ui-{name}.png"
-    page.screenshot(path=str(path), full_page=True)
+    viewport = page.viewport_size
+    # Streamlit scrolls inside its main container, so a "full page" shot would stop at the
+    # window: grow the window to the content for the shot, then put it back.
+    height = page.evaluate("document.querySelector('[data-testid=\"stMain\"]')?.scrollHeight ?? 0")
+    page.set_viewport_size({"width": viewport["width"], "height": max(viewport["height"], min(int(height), 6000))})
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(path))
+    page.set_viewport_size(viewport)
     assert path.stat().st_size > 10_000, f"{path} looks blank"
     if docs and os.environ.get("FEDCOHORT_UPDATE_SCREENSHOTS") == "1":
         DOCS.mkdir(parents=True, exist_ok=True)
