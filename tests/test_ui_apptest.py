@@ -9,7 +9,11 @@ summary.json. `build_state` is also used by the browser test.
 from __future__ import annotations
 
 import json
+import re
+import sqlite3
 import zipfile
+from contextlib import closing
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -20,6 +24,7 @@ from coordinator import users
 from coordinator.lifecycle import transition
 from coordinator.store import Store, open_store
 from policies.audit import open_party_log, verify_bundle
+from policies.errors import PolicyError
 from policies.study import shipped_study
 
 pytest.importorskip("streamlit.testing.v1")
@@ -206,13 +211,22 @@ def test_silos_page_shows_counts_spend_and_connections(state: Path) -> None:
     assert conn.loc["va", "state"] == "offline" and conn.loc["hungary", "state"] == "online"
 
 
+def test_a_silo_never_seen_is_not_called_offline(state: Path, store: Store) -> None:
+    """A silo row made by registration alone has no heartbeat: the page says it does not know."""
+    store.register_silo("late-silo", key_fingerprint="fp-late")
+    at = on(app("aud"), "views/silos.py")
+    conn = at.dataframe[-1].value.set_index("silo")
+    assert conn.loc["late-silo", "state"] == "not recorded" and conn.loc["va", "state"] == "offline"
+    assert any("recorded no heartbeat" in c.value for c in at.caption)
+
+
 # ----------------------------------------------------------------------------- rounds
 
 
 def test_lead_approves_the_waiting_round(state: Path, store: Store) -> None:
     at = on(app("lead"), "views/rounds.py")
-    assert any("Round **2**" in m.value for m in at.markdown)
-    assert any("Will take part" in m.value and "va (offline)" in m.value for m in at.markdown)
+    assert any(m.value.startswith("Round **2** of 4 waits for a decision: the coordinator holds it") for m in at.markdown)
+    assert any("Will take part" in m.value and "va (connection: offline)" in m.value for m in at.markdown)
     at.text_area[0].input("metrics look fine").run()
     at.button(key="decide_approve").click().run()
     assert not at.exception and not at.error
@@ -233,6 +247,30 @@ def test_lead_can_hold_then_approve(state: Path, store: Store) -> None:
     assert any("Round **2**" in m.value for m in at.markdown), "a held round still waits"
     at.button(key="decide_approve").click().run()
     assert store.get_round(STUDY, 2).status == "approved"
+
+
+def test_the_round_the_coordinator_waits_on_is_offered(tmp_path: Path) -> None:
+    """Whatever the ServerApp asked the store to approve is what the page offers; ahead of that,
+    only training rounds (the ServerApp gates rounds 1..N, not the statistics round 0)."""
+    from ui import data
+
+    with open_store(None, tmp_path) as store:
+        store.create_study(_policy(), "lead")
+        transition(store, STUDY, "open", "lead")
+        for silo in SILOS[:3]:
+            store.record_enrolment(STUDY, silo, "validated")
+        transition(store, STUDY, "running", "lead")
+        view = data.study_views(store, tmp_path)[0]
+        assert data.offer(store, view) == (1, False), "a lead may decide the first training round ahead"
+        store.record_approval(STUDY, 1, "approve", "lead")
+        assert data.next_round_to_decide(store, view) is None, "one round at a time"
+        store.record_round_start(STUDY, 1, list(SILOS[:3]))
+        store.record_round_finish(STUDY, 1, list(SILOS[:3]), {})
+        store.request_approval(STUDY, 2)  # what the ServerApp's gate does before round 2
+        store.record_approval(STUDY, 2, "hold", "lead")
+        assert data.offer(store, view) == (2, True), "a held round still waits at the gate"
+        store.request_approval(STUDY, 0)  # a coordinator that gates the statistics round too
+        assert data.next_round_to_decide(store, view) == 0
 
 
 def test_auditor_cannot_approve_even_by_a_forced_click(state: Path, store: Store) -> None:
@@ -313,6 +351,92 @@ def test_settings_publish_a_new_version_once_the_study_is_open(state: Path, stor
     assert new.spec.training.rounds == 6 and new.spec.dp.epsilon == 2.0
     assert any(new.policy_hash in s.value for s in at.success)
     assert store.get_study(STUDY, 1).policy_hash == old.policy_hash, "the open version never changes"
+
+
+# ----------------------------------------------------------------------------- bad input: a clear message, nothing written
+
+
+def store_snapshot(state: Path) -> tuple[list[str], bytes]:
+    """Every row of the SQLite store and the coordinator's audit log, to show a refusal wrote nothing."""
+    with closing(sqlite3.connect(state / "coordinator" / "fedcohort.db")) as db:
+        rows = list(db.iterdump())
+    return rows, (state / "coordinator" / "audit.jsonl").read_bytes()
+
+
+def publish(at: AppTest) -> AppTest:
+    return at.button[[b.label for b in at.button].index("Publish as new version")].click().run()
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("name", "", "Name: a study needs a name; it is empty."),
+    ("name", "   ", "Name: a study needs a name; it is empty."),
+    ("eps", 0.0, "Epsilon per silo: must be greater than 0 (got 0)"),
+    ("eps", -1.5, "Epsilon per silo: must be greater than 0 (got -1.5)"),
+])
+def test_settings_form_refuses_bad_values_and_writes_nothing(state: Path, field: str, value: object,
+                                                             message: str) -> None:
+    before = store_snapshot(state)
+    at = app("lead")
+    widget = at.text_input(key=f"name_{STUDY}@1") if field == "name" else at.number_input(key=f"eps_{STUDY}@1")
+    widget.set_value(value)
+    publish(at)
+    assert not at.exception
+    assert any(e.value.startswith(message) for e in at.error), [e.value for e in at.error]
+    assert any(c.value == "Nothing was saved." for c in at.caption)
+    assert not at.success
+    assert store_snapshot(state) == before
+    # The handler refuses the same values on its own (any other path to it), still writing nothing.
+    good = actions.StudySettings("Heart", 4, "fedyogi", "manual", 0, 3, 5, True, 1.0, 1e-5)
+    bad = replace(good, name=value) if field == "name" else replace(good, epsilon=value)
+    with open_store(None, state) as store, pytest.raises(PolicyError, match=re.escape(message)):
+        actions.change_settings(store, state, "lead", STUDY, 1, bad)
+    assert store_snapshot(state) == before
+
+
+def _policy_with(**changes: object) -> str:
+    data = yaml.safe_load(_policy()) | {"id": "uploaded-study"}
+    data.update(changes)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+BAD_UPLOADS = {
+    "unknown key": (_policy_with(sponsor="ACME"),
+                    "sponsor: unknown key (not part of the study policy format)"),
+    "alias": (_policy_with().replace("\nname: ", "\nname: &n ", 1).replace("retention: ", "retention: *n #", 1),
+              "anchors and aliases are not allowed in study policies"),
+    "empty name": (_policy_with(name=""), "name: a study needs a name; it is empty"),
+    "over the size limit": (_policy_with() + "# padding\n" * 100_000,
+                            "1,100,000 bytes is above the 1,000,000-byte limit for a study policy; refused"),
+    "not UTF-8": (_policy_with().replace("Heart", "H\udcffeart", 1), "not UTF-8 text"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_UPLOADS))
+def test_bad_uploads_are_refused_with_a_clear_message_and_write_nothing(state: Path, case: str) -> None:
+    text, message = BAD_UPLOADS[case]
+    raw = text.encode("utf-8", errors="surrogateescape")
+    if case == "over the size limit":
+        raw = raw + b" " * (1_100_000 - len(raw))
+    before = store_snapshot(state)
+    at = app("lead")
+    at.file_uploader(key="policy_upload").set_value(("policy.yaml", raw, "application/yaml")).run()
+    assert not at.exception
+    assert any(message in e.value for e in at.error), [e.value for e in at.error]
+    assert at.button(key="create_upload").disabled, "nothing to create from a refused upload"
+    assert store_snapshot(state) == before
+    if case != "not UTF-8":  # the handler, reached without the page, parses and refuses the same text
+        with open_store(None, state) as store, pytest.raises(PolicyError):
+            actions.create_study(store, state, "lead", raw.decode("utf-8"))
+        assert store_snapshot(state) == before
+
+
+def test_policy_uploader_has_a_low_streamlit_limit(state: Path) -> None:
+    """Streamlit refuses bigger files in the browser (its default is 200 MB); see the browser test."""
+    from ui import UPLOAD_LIMIT_MB
+
+    at = app("lead")
+    assert UPLOAD_LIMIT_MB == 1
+    assert at.file_uploader(key="policy_upload").proto.max_upload_size_mb == UPLOAD_LIMIT_MB
 
 
 def test_auditor_cannot_create_studies(state: Path, store: Store) -> None:
@@ -403,7 +527,7 @@ def test_launcher_makes_the_demo_lead_once_and_serves_with_safe_flags(tmp_path: 
     flags = dict(zip(argv[5::2], argv[6::2]))
     assert flags == {"--server.headless": "true", "--server.address": "127.0.0.1", "--server.port": "8999",
                      "--browser.gatherUsageStats": "false", "--server.fileWatcherType": "none",
-                     "--client.toolbarMode": "viewer"}
+                     "--client.toolbarMode": "viewer", "--server.maxUploadSize": "1"}
     assert env["FEDCOHORT_STATE_DIR"] == str(tmp_path.resolve())
     secret = tmp_path / users.DEMO_PASSWORD_FILE
     password = secret.read_text().strip()

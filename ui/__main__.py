@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from ui import UPLOAD_LIMIT_MB
+
 APP = Path(__file__).resolve().parent / "app.py"
 
 
@@ -20,7 +22,8 @@ def streamlit_argv(port: int, address: str) -> list[str]:
     """The exact command that serves the UI (also used by the browser test)."""
     return [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true",
             "--server.address", address, "--server.port", str(port), "--browser.gatherUsageStats", "false",
-            "--server.fileWatcherType", "none", "--client.toolbarMode", "viewer"]
+            "--server.fileWatcherType", "none", "--client.toolbarMode", "viewer",
+            "--server.maxUploadSize", str(UPLOAD_LIMIT_MB)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,21 +86,29 @@ def create_study(store: Store, state: Path, user: str, policy_yaml: str, *, stud
                  name: str = "") -> StudyRow:
     """Register a study (draft) from a template or an uploaded policy; id and name may be overridden."""
     who = authorize(store, state, user, WRITERS, "study.create", study_id or "new study")
-    if study_id or name:
+    if study_id.strip() or name.strip():
         data = load_yaml_text(policy_yaml, "study policy")  # refuses aliases, like every policy read
         if isinstance(data, dict):
             data.update({k: v for k, v in (("id", study_id.strip()), ("name", name.strip())) if v})
             policy_yaml = yaml.safe_dump(data, sort_keys=False)
+    check_name(load_study_text(policy_yaml, "study policy").name)
     row = store.create_study(policy_yaml, who.name)
     _audit(state, store, "study.created", row.label,
            {"version": row.version, "policy_hash": row.policy_hash}, who)
     return row
 
 
+def check_name(name: str) -> None:
+    """A study needs a name people can recognise it by (the policy format alone allows "")."""
+    if not name.strip():
+        raise PolicyError("name: a study needs a name; it is empty")
+
+
 @dataclass(frozen=True)
 class StudySettings:
     """The settings a lead may change from the form; everything else stays as in the policy."""
 
+    name: str
     rounds: int
     strategy: str
     approval_mode: str
@@ -112,10 +120,28 @@ class StudySettings:
     delta: float
 
 
+def settings_problems(settings: StudySettings) -> list[str]:
+    """What is wrong with the form's values, one message per field (empty: all fine).
+
+    Checked before anything is written, so the form can show every problem at once in the
+    field's own words; the policy schema checks the result again when it is stored.
+    """
+    problems = []
+    if not settings.name.strip():
+        problems.append("Name: a study needs a name; it is empty.")
+    if settings.dp and not settings.epsilon > 0:
+        problems.append(f"Epsilon per silo: must be greater than 0 (got {settings.epsilon:g}); "
+                        "epsilon 0 would allow no training at all, and a negative budget means nothing.")
+    if settings.dp and not 0 < settings.delta < 1:
+        problems.append(f"Delta: must be between 0 and 1, exclusive (got {settings.delta:g}).")
+    return problems  # the other fields are bounded by their widgets and checked by the policy schema
+
+
 def apply_settings(policy_yaml: str, settings: StudySettings, version: int) -> str:
     """The policy with the form's settings applied, as YAML for the given version."""
     data = load_study_text(policy_yaml).model_dump(mode="json")
     data["version"] = version
+    data["name"] = settings.name.strip()
     data["training"].update(rounds=settings.rounds, strategy=settings.strategy)
     data["approval"] = {"mode": settings.approval_mode, "auto_rounds": settings.auto_rounds}
     data.update(min_silos=settings.min_silos, small_cell_min=settings.small_cell_min)
@@ -131,6 +157,9 @@ def change_settings(store: Store, state: Path, user: str, study_id: str, version
                     settings: StudySettings) -> StudyRow:
     """A draft changes in place (new hash); once open, the change is published as the next version."""
     who = authorize(store, state, user, WRITERS, "study.change", f"{study_id} v{version}")
+    problems = settings_problems(settings)
+    if problems:
+        raise PolicyError(" ".join(problems))
     current = store.get_study(study_id, version)
     if current.status == "draft":
         row = store.edit_draft(study_id, apply_settings(current.policy_yaml, settings, version), who.name,

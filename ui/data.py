@@ -22,10 +22,11 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from coordinator.store import Store, StudyRow, needs_manual_approval, open_store
+from coordinator.store import SiloRow, Store, StudyRow, needs_manual_approval, open_store
 from policies.audit import AUDIT_FILE, AUDIT_KEY_FILE, PartyKey
 from policies.errors import PolicyError
 from policies.study import STUDIES_DIR, StudySpec, load_study, load_study_text
+from policies.yamlsafe import MAX_POLICY_BYTES
 
 STATE_ENV = "FEDCOHORT_STATE_DIR"
 DB_ENV = "FEDCOHORT_DB_URL"
@@ -148,6 +149,17 @@ def templates() -> dict[str, Path]:
 
 def parse_policy(text: str, source: str) -> StudySpec:
     return load_study_text(text, source)
+
+
+def upload_text(name: str, raw: bytes) -> str:
+    """An uploaded policy as text, refused (before any decoding or parsing) when too big or not UTF-8."""
+    if len(raw) > MAX_POLICY_BYTES:
+        raise PolicyError(f"{name}: {len(raw):,} bytes is above the {MAX_POLICY_BYTES:,}-byte limit for a study "
+                          "policy; refused (nothing was read or stored)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"{name}: not UTF-8 text (byte {exc.start}); a study policy is a YAML text file") from None
 
 
 def summary_for(state: Path, study: StudyView) -> dict[str, Any] | None:
@@ -293,6 +305,20 @@ def privacy_table(store: Store | None, study: StudyView, summary: Mapping[str, A
     return pd.DataFrame(list(latest.values()))
 
 
+NOT_RECORDED = "not recorded"
+
+
+def connection_state(silo: SiloRow | None) -> str:
+    """online / offline as the coordinator last recorded it; "not recorded" if it never did.
+
+    A silo row can exist before any heartbeat (an enrolment creates it): without a last-seen
+    time, "offline" would be a guess, so the page says it does not know.
+    """
+    if silo is None or silo.last_seen is None:
+        return NOT_RECORDED
+    return "online" if silo.online else "offline"
+
+
 def validation_summary(report: Mapping[str, Any] | None) -> dict[str, Any]:
     """Counts from a silo's validation report: rows and how many rules passed, warned, failed."""
     if not report:
@@ -357,30 +383,51 @@ def audit_frame(logs: Iterable[PartyLog]) -> tuple[pd.DataFrame, list[str]]:
 
 
 
-def next_round_to_decide(store: Store, study: StudyView) -> int | None:
-    """The lowest round after the last started one that the policy gates and nobody approved yet.
+AT_THE_GATE = ("waiting_approval", "held")  # round statuses while the ServerApp's gate waits on them
 
-    Rounds the policy auto-approves need no decision; a held round is still waiting. Only one
-    round is offered at a time, so the lead decides with the previous round's results in hand.
+
+def offer(store: Store, study: StudyView) -> tuple[int, bool] | None:
+    """The round to decide and whether the coordinator is already waiting on it (else: ahead)."""
+    round_no = next_round_to_decide(store, study)
+    if round_no is None:
+        return None
+    rnd = store.get_round(study.id, round_no, version=study.version)
+    return round_no, rnd is not None and rnd.status in AT_THE_GATE
+
+
+def status_now(store: Store, study: StudyView) -> str:
+    """The study version's status in the store now (a view's status is from the page's last run)."""
+    return store.get_study(study.id, study.version).status if study.in_store else study.status
+
+
+def next_round_to_decide(store: Store, study: StudyView) -> int | None:
+    """The round the lead should decide now, or None.
+
+    First a round the coordinator is waiting on (it asked the store for approval: waiting or
+    held). Otherwise the lowest gated training round after the last started one, so a lead may
+    decide ahead; only one round is offered at a time, so the lead decides with the previous
+    round's results in hand. Rounds the policy auto-approves need no decision. The statistics
+    round 0 is offered only when the coordinator asks for it: today's ServerApp gates training
+    rounds only, and a decision that gates nothing must not look like one that does.
     """
     if study.spec is None or not study.in_store:
         return None
     rounds = {r.round_no: r for r in store.list_rounds(study.id, version=study.version)}
+    waiting = sorted(n for n, r in rounds.items() if r.status in AT_THE_GATE)
+    if waiting:
+        return waiting[0]
     started = [n for n, r in rounds.items() if r.status in ("running", "finished", "failed")]
-    first = max(started) + 1 if started else 0
-    for n in range(first, study.spec.training.rounds + 1):
+    first = max(started) + 1 if started else 1
+    for n in range(max(first, 1), study.spec.training.rounds + 1):
         if not needs_manual_approval(study.spec, n):
             continue
-        r = rounds.get(n)
-        if r is None or r.status in ("waiting_approval", "held"):
-            return n
-        return None  # approved and not started yet, or rejected: nothing to decide until it runs
+        return n if n not in rounds else None  # decided already and not started yet: nothing to add
     return None
 
 
 __all__ = [
-    "BENCH_FILE", "BENCH_LABEL", "DB_ENV", "HEART_STUDY", "METRICS", "STATE_ENV", "SUPPRESSED", "PartyLog", "Reference",
+    "BENCH_FILE", "BENCH_LABEL", "AT_THE_GATE", "NOT_RECORDED", "connection_state", "offer", "DB_ENV", "HEART_STUDY", "METRICS", "STATE_ENV", "SUPPRESSED", "PartyLog", "Reference",
     "StudyView", "audit_frame", "db_url", "evaluation_csv", "find_view", "get_store", "parse_policy", "party_logs",
     "party_public_keys", "per_silo_table", "pooled_history", "privacy_table", "read_summary", "reference_lines",
-    "next_round_to_decide", "rounds_table", "state_dir", "study_views", "summary_for", "summary_view", "templates", "validation_summary",
+    "next_round_to_decide", "rounds_table", "state_dir", "status_now", "study_views", "summary_for", "summary_view", "templates", "upload_text", "validation_summary",
 ]

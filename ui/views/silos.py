@@ -16,7 +16,9 @@ def enrolments(ctx: PageContext, study: data.StudyView) -> None:
     if not rows:
         st.caption("No enrolments recorded in the store for this study version.")
         return
-    table = [{"silo": e.silo, "status": e.status, "key ceremony": e.key_ceremony,
+    plaintext = study.spec is not None and study.spec.encryption == "none"
+    table = [{"silo": e.silo, "status": e.status,
+              "key ceremony": "not needed (no encryption)" if plaintext else e.key_ceremony,
               **data.validation_summary(e.validation_report), "updated": e.updated_at} for e in rows]
     st.dataframe(pd.DataFrame(table), hide_index=True, width="stretch")
     for e in rows:
@@ -35,11 +37,15 @@ def connections(ctx: PageContext) -> None:
     st.subheader("Connections")
     silos = ctx.store.list_silos()
     if not silos:
-        st.caption("No silo has connected to this coordinator yet.")
+        st.caption("No silo is known to this coordinator yet.")
         return
+    states = [data.connection_state(s) for s in silos]
     st.dataframe(pd.DataFrame([
-        {"silo": s.name, "state": "online" if s.online else "offline", "last seen": s.last_seen,
-         "enrolment key": (s.key_fingerprint or "-")[:24]} for s in silos]), hide_index=True, width="stretch")
+        {"silo": s.name, "state": state, "last seen": s.last_seen, "enrolment key": (s.key_fingerprint or "-")[:24]}
+        for s, state in zip(silos, states)]), hide_index=True, width="stretch")
+    if data.NOT_RECORDED in states:
+        st.caption(f"\"{data.NOT_RECORDED}\": the coordinator has recorded no heartbeat from that silo, so whether it "
+                   "is connected is not known here; the Rounds page shows who replied in each round.")
 
 
 def privacy(ctx: PageContext, study: data.StudyView) -> None:

@@ -11,7 +11,8 @@ import streamlit as st
 from coordinator.lifecycle import TRANSITIONS
 from policies.errors import PolicyError
 from policies.study import StudySpec
-from ui import actions, data
+from policies.yamlsafe import MAX_POLICY_BYTES
+from ui import UPLOAD_LIMIT_MB, actions, data
 from ui.common import NEXT_STUDY, PageContext, flash, no_write_hint, page_context, refused, show_flash
 
 MOVE_LABELS = {"open": "Open for enrolment", "running": "Start running", "completed": "Mark completed",
@@ -53,16 +54,32 @@ def create_form(ctx: PageContext) -> None:
         if st.button("Create from template", key="create_template", disabled=not ctx.can_write) and choice:
             _create(ctx, shipped[choice].read_text(encoding="utf-8"), study_id, name)
     with from_upload:
-        upload = st.file_uploader("Study policy", type=["yaml", "yml"], key="policy_upload")
-        text = upload.getvalue().decode("utf-8", errors="replace") if upload is not None else ""
-        if text:
-            try:
-                spec = data.parse_policy(text, upload.name)
-                st.caption(f"Valid policy: {spec.id} v{spec.version}, hash `{spec.policy_hash()[:16]}`")
-            except PolicyError as exc:
-                st.error(str(exc))
+        text = uploaded_policy()
         if st.button("Create from upload", key="create_upload", disabled=not ctx.can_write or not text):
             _create(ctx, text, study_id, name)
+
+
+def uploaded_policy() -> str:
+    """The uploaded policy's text if it is a valid study policy, else "" (the problem shown inline).
+
+    Streamlit refuses files over UPLOAD_LIMIT_MB in the browser; what gets through is checked
+    for size, encoding, aliases and every key before anything can be created from it.
+    """
+    upload = st.file_uploader(f"Study policy (YAML, at most {MAX_POLICY_BYTES:,} bytes)", type=["yaml", "yml"],
+                              key="policy_upload", max_upload_size=UPLOAD_LIMIT_MB)
+    if upload is None:
+        st.caption(f"A file over {UPLOAD_LIMIT_MB} MB is refused by the page before it is sent (it shows in red: "
+                   f"\"File must be {UPLOAD_LIMIT_MB:.1f}MB or smaller.\"); nothing is stored.")
+        return ""
+    try:
+        text = data.upload_text(upload.name, upload.getvalue())
+        spec = data.parse_policy(text, upload.name)
+        actions.check_name(spec.name)
+    except PolicyError as exc:
+        st.error(str(exc))
+        return ""
+    st.caption(f"Valid policy: {spec.id} v{spec.version}, hash `{spec.policy_hash()[:16]}`")
+    return text
 
 
 def settings_form(ctx: PageContext, study: data.StudyView, spec: StudySpec) -> None:
@@ -72,6 +89,7 @@ def settings_form(ctx: PageContext, study: data.StudyView, spec: StudySpec) -> N
                "this hash, so a change is published as the next version.")
     k = study.key
     with st.form(f"settings_{k}"):
+        name = st.text_input("Name", spec.name, key=f"name_{k}")
         c1, c2, c3 = st.columns(3)
         rounds = c1.number_input("Rounds", 1, 1000, spec.training.rounds, key=f"rounds_{k}")
         strategies = ["fedavg", "fedyogi"]
@@ -84,16 +102,24 @@ def settings_form(ctx: PageContext, study: data.StudyView, spec: StudySpec) -> N
         small_cell = c3.number_input("Small-cell minimum", 1, 1000, spec.small_cell_min, key=f"cell_{k}")
         dp = st.checkbox("Differential privacy (DP-SGD) at every silo", spec.dp is not None, key=f"dp_{k}")
         d1, d2 = st.columns(2)
-        epsilon = d1.number_input("Epsilon per silo (whole study)", 0.01, 100.0,
-                                  float(spec.dp.epsilon) if spec.dp else 1.0, key=f"eps_{k}")
-        delta = d2.number_input("Delta", 1e-9, 0.5, float(spec.dp.delta) if spec.dp else 1e-3, format="%.1e",
-                                key=f"delta_{k}")
+        # No min_value on epsilon and delta: a widget would silently clamp a typed 0 or -1;
+        # `actions.settings_problems` refuses it with a message instead.
+        epsilon = d1.number_input("Epsilon per silo (whole study)", value=float(spec.dp.epsilon) if spec.dp else 1.0,
+                                  max_value=100.0, key=f"eps_{k}")
+        delta = d2.number_input("Delta", value=float(spec.dp.delta) if spec.dp else 1e-3, max_value=0.5,
+                                format="%.1e", key=f"delta_{k}")
         label = "Save draft" if draft else "Publish as new version"
         submitted = st.form_submit_button(label, disabled=not ctx.can_write)
     if not submitted:
         return
-    settings = actions.StudySettings(int(rounds), strategy, mode, int(auto_rounds), int(min_silos), int(small_cell),
-                                     bool(dp), float(epsilon), float(delta))
+    settings = actions.StudySettings(name, int(rounds), strategy, mode, int(auto_rounds), int(min_silos),
+                                     int(small_cell), bool(dp), float(epsilon), float(delta))
+    problems = actions.settings_problems(settings)
+    if problems:
+        for problem in problems:
+            st.error(problem)
+        st.caption("Nothing was saved.")
+        return
     try:
         row = actions.change_settings(ctx.store, ctx.state, ctx.user.name, study.id, study.version, settings)
     except PolicyError as exc:
