@@ -594,32 +594,42 @@ def witness_details(other_party: str, seq: int, head: str) -> dict[str, Any]:
 
 
 def check_witnesses(
-    witness_entries: Iterable[AuditEntry], other_party: str, other_entries: Iterable[AuditEntry]
+    witness_entries: Iterable[AuditEntry],
+    other_party: str,
+    other_entries: Iterable[AuditEntry],
+    witness_party: str = "witness",
 ) -> list[str]:
     """Heads one party recorded for ``other_party`` that the other's log no longer contains.
 
     A key holder can re-sign a rewritten chain of its own; it cannot change what another
     party already logged about it. Any mismatch here means history was rewritten or cut.
+    Each finding names the witnessing entry, the witnessed seq and what differs.
     """
     hashes = {e.seq: e.hash for e in other_entries}
+    last = max(hashes, default=0)
     problems: list[str] = []
-    for w in witness_entries:
-        if w.action != WITNESS_ACTION or w.details.get("party") != other_party:
-            continue
+    for w in witnessed_heads(witness_entries, other_party):
         seq, head = w.details.get("seq"), w.details.get("head")
-        if seq == 0:
+        where = f"{witness_party} entry {w.seq} witnessed {other_party} at seq {seq}"
+        if not isinstance(seq, int) or isinstance(seq, bool) or not isinstance(head, str):
+            problems.append(f"{witness_party} entry {w.seq}: malformed witness details {canonical_json(w.details)[:200]}")
+        elif seq == 0:
             continue
-        if seq not in hashes:
+        elif seq not in hashes:
             problems.append(
-                f"witness entry {w.seq}: saw {other_party} at seq {seq}, which {other_party}'s log "
-                f"does not contain (log cut short?)"
+                f"{where}, but {other_party}'s log ends at seq {last} (truncated or rolled back?)"
             )
         elif hashes[seq] != head:
             problems.append(
-                f"witness entry {w.seq}: saw {other_party} seq {seq} with hash {str(head)[:16]}..., "
-                f"{other_party}'s log has {hashes[seq][:16]}... (history rewritten?)"
+                f"{where} with hash {head[:16]}..., but {other_party}'s entry {seq} has hash "
+                f"{hashes[seq][:16]}... (rewritten?)"
             )
     return problems
+
+
+def witnessed_heads(entries: Iterable[AuditEntry], other_party: str) -> list[AuditEntry]:
+    """The ``audit.witnessed`` entries in which this log recorded ``other_party``'s head."""
+    return [e for e in entries if e.action == WITNESS_ACTION and e.details.get("party") == other_party]
 
 
 # --------------------------------------------------------------------------- verification
@@ -1119,20 +1129,27 @@ def _load_manifest(files: dict[str, bytes]) -> ExportManifest | str:
         return f"{MANIFEST}: not a valid audit export manifest ({_first_error(exc)})"
 
 
-def verify_bundle(
+class VerifiedExport(NamedTuple):
+    """One export after ``verify_export``: the finding, whose it is and what it holds
+    (``entries`` is None when audit.jsonl is missing or has a line that does not parse)."""
+
+    source: str
+    result: VerifyResult
+    party: str
+    entries: list[AuditEntry] | None
+
+
+def verify_export(
     zip_or_dir: str | Path, trusted_keys: Mapping[str, bytes | str] | None = None
-) -> VerifyResult:
-    """Check an export: file hashes against the manifest, the chain of audit.jsonl, the manifest's
-    head and count, and that the CSV/Parquet copies say what the JSONL says. All findings are
-    joined in ``problem``. Pass ``trusted_keys`` (obtained from the parties) to verify signatures
-    with those instead of the keys the manifest itself lists."""
+) -> VerifiedExport:
+    """``verify_bundle``, also handing back the party and entries read (for cross-checks)."""
     files, problems = _read_bundle(Path(zip_or_dir))
     manifest = _load_manifest(files)
     if isinstance(manifest, str):
-        return _failed(manifest)
+        return VerifiedExport(str(zip_or_dir), _failed(manifest), "", None)
     problems += _file_problems(files, manifest)
     if "audit.jsonl" not in files:
-        return _failed("; ".join(problems))
+        return VerifiedExport(str(zip_or_dir), _failed("; ".join(problems)), manifest.party, None)
     keys = trusted_keys if trusted_keys is not None else manifest.key_map()
     pending = _start_verify_bytes(files["audit.jsonl"], keys)
     chain_at = len(problems)  # the chain's finding goes before those about head and copies
@@ -1146,7 +1163,18 @@ def verify_bundle(
     chain = pending if isinstance(pending, VerifyResult) else pending.finish().result
     if not chain.ok:
         problems.insert(chain_at, chain.problem)
-    return chain.model_copy(update={"ok": not problems, "problem": "; ".join(problems)})
+    result = chain.model_copy(update={"ok": not problems, "problem": "; ".join(problems)})
+    return VerifiedExport(str(zip_or_dir), result, manifest.party, parsed[0] if parsed else None)
+
+
+def verify_bundle(
+    zip_or_dir: str | Path, trusted_keys: Mapping[str, bytes | str] | None = None
+) -> VerifyResult:
+    """Check an export: file hashes against the manifest, the chain of audit.jsonl, the manifest's
+    head and count, and that the CSV/Parquet copies say what the JSONL says. All findings are
+    joined in ``problem``. Pass ``trusted_keys`` (obtained from the parties) to verify signatures
+    with those instead of the keys the manifest itself lists."""
+    return verify_export(zip_or_dir, trusted_keys).result
 
 
 AUDIT_FILE = "audit.jsonl"
@@ -1164,9 +1192,3 @@ def describe(result: VerifyResult, source: str) -> str:
     if result.ok:
         return f"{source}: OK, {result.entries} entries, chain intact, head seq {result.head_seq} {result.head}"
     return f"{source}: BROKEN: {result.problem} (intact prefix: {result.entries} entries)"
-
-
-def verify_bundles(paths: Iterable[str | Path]) -> tuple[bool, list[str]]:
-    """What `coordinator audit verify` and `silo-node audit verify` print: one line per bundle."""
-    results = [(str(p), verify_bundle(p)) for p in paths]
-    return all(r.ok for _, r in results), [describe(r, p) for p, r in results]
