@@ -99,9 +99,11 @@ class AuditEntry(BaseModel):
 
     def flat(self) -> dict[str, Any]:
         """Spreadsheet form: ``details`` as a canonical JSON string column."""
-        row = {name: getattr(self, name) for name in COLUMNS}  # all plain JSON values already
-        row["details"] = canonical_json(self.details)
-        return row
+        return {  # COLUMNS order; every other field is a plain JSON value already
+            "seq": self.seq, "ts": self.ts, "actor": self.actor, "role": self.role, "action": self.action,
+            "subject": self.subject, "details": canonical_json(self.details), "prev_hash": self.prev_hash,
+            "hash": self.hash, "signature": self.signature, "key_id": self.key_id,
+        }
 
 
 def entry_hash(fields: Mapping[str, Any]) -> str:
@@ -902,7 +904,8 @@ def _csv_cell(value: Any) -> str:
 
 
 def _csv_rows(flats: list[dict[str, Any]]) -> list[list[str]]:
-    return [[_csv_cell(row[name]) for name in COLUMNS] for row in flats]
+    cell = _csv_cell
+    return [[cell(value) for value in row.values()] for row in flats]  # flat() keeps COLUMNS order
 
 
 def _csv_bytes(flats: list[dict[str, Any]]) -> bytes:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from policies.audit import (
+    COLUMNS,
     GENESIS_HASH,
     AuditEntry,
     AuditLog,
@@ -499,6 +500,13 @@ def test_export_bundle_and_verify(tmp_path: Path, log: AuditLog, key: PartyKey) 
     assert verify_bundle(bundle, trusted_keys=PartyKey.generate().public_keys()).problem == (
         "entry 1: unknown signing key"
     )
+
+
+def test_flat_rows_keep_the_column_order(log: AuditLog) -> None:
+    """CSV and Parquet copies are built from flat() in COLUMNS order."""
+    for entry in log.entries():
+        assert tuple(entry.flat()) == COLUMNS
+        assert json.loads(entry.flat()["details"]) == entry.details
 
 
 def test_log_export_records_itself(tmp_path: Path, log: AuditLog, key: PartyKey) -> None:
