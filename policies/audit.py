@@ -292,13 +292,17 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# One decoder for every line: json.loads with a hook would build a new one per call.
+_LINE_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+
+
 def _parse_line(text: bytes) -> AuditEntry:
     if len(text) > MAX_LINE_BYTES:
         raise _BadLine(f"line is {len(text)} bytes, longer than any audit entry can be")
     if not text.strip():
         raise _BadLine("empty line")
     try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        obj = _LINE_DECODER.decode(text.decode(json.detect_encoding(text), "surrogatepass"))  # = json.loads
     except ValueError as exc:
         raise _BadLine(f"not valid JSON ({exc})") from None
     if not isinstance(obj, dict):
