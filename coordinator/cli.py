@@ -18,7 +18,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from policies.audit import AUDIT_FILE, open_party_log, verify_bundles
+from policies.audit import AUDIT_FILE, open_party_log
+from policies.audit_crosscheck import verify_bundles
 from policies.errors import PolicyError
 from policies.study import load_study, shipped_study
 from policies.validation import validate_cohort
@@ -182,7 +183,7 @@ def _audit_export(args: argparse.Namespace) -> int:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    ok, lines = verify_bundles(args.bundles)
+    ok, lines = verify_bundles(args.bundles, args.silo)
     print("\n".join(lines))
     return 0 if ok else 1
 
@@ -215,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_audit_export)
     v = audit_sub.add_parser("verify", help="verify exported bundles; names the first broken entry")
     v.add_argument("bundles", nargs="+", help="bundle zip files or directories")
+    v.add_argument("--silo", action="append", default=[], metavar="DIR",
+                   help="a silo's export: cross-check its witnessed heads against the coordinator export (repeat per silo)")
     v.set_defaults(func=_audit_verify)
     u = sub.add_parser("ui", help="serve the web UI (Streamlit) over the coordinator's store")
     u.add_argument("--state-dir", default=".fedcohort")

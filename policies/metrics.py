@@ -10,8 +10,6 @@ import math
 
 import numpy as np
 
-from policies.validation import suppress
-
 HIST_BINS = 20
 # Layout: tp, fp, tn, fn, loss_sum, n, positive-score histogram, negative-score histogram
 N_FIXED = 6
@@ -72,22 +70,63 @@ def metrics_from_counts(counts: np.ndarray) -> dict[str, float]:
     return out
 
 
+# Small-cell suppression of a silo's own report, with complementary suppression.
+#
+# Protected: every count of 1..k-1 patients in a confusion cell or a denominator (n, the
+# positives tp + fn, the negatives tn + fp), and the number correct, which is shown as a count.
+# The report shows counts linear in the four cells: each cell, n and correct. Hiding only the
+# small cells is not enough: with n and three cells shown, the fourth is n minus the others.
+# Nor is "hide the fewest further cells that stop every derivation": which cells that rule
+# picks depends on which were small, and a reader who knows the rule can narrow a hidden cell
+# down to one value (tests/test_metrics_suppression.py found such tables). So the pattern
+# depends only on coarse facts:
+#   - no cell has 1..k-1 patients: everything is shown (no denominator can be small then);
+#   - otherwise all four cells are hidden (the complementary suppression), n is shown only
+#     if it is at least k, and correct only if n is shown and k <= correct < n (correct = n
+#     would give away that the hidden fp and fn are 0).
+# No protected count and no hidden figure then follows from the shown ones; the tests check
+# this by enumerating every table a reader could not tell apart from the real one. What a
+# shown accuracy does give away is n - correct, the number misclassified, which is neither a
+# cell nor a denominator.
+
+SUPPRESSED = "suppressed"
+RELEASED = ("tp", "fp", "tn", "fn", "n", "correct")
+
+
+def suppression(cells: tuple[int, int, int, int], k: int) -> set[str]:
+    """The figures of ``RELEASED`` to show as suppressed for confusion cells (tp, fp, tn, fn)."""
+    if not any(0 < c < k for c in cells):
+        return set()
+    n, correct = sum(cells), cells[0] + cells[2]
+    hidden = {"tp", "fp", "tn", "fn"}
+    if n < k:
+        hidden.add("n")
+    if n < k or correct < k or correct == n:
+        hidden.add("correct")
+    return hidden
+
+
 def silo_report(counts: np.ndarray, k: int) -> dict[str, int | str | float | None]:
-    """What one silo may show about its own test set: cells below k suppressed.
+    """What one silo may show about its own test set, with small-cell and complementary suppression.
 
-    Accuracy is shown when the test-set size and the number correct are at least k;
-    sensitivity and specificity only when every cell they rest on is at least k.
+    Counts are numbers or ``SUPPRESSED``; a ratio is shown (else None) only when the counts it
+    is made of are shown, so it reveals nothing the counts do not.
     """
-    tp, fp, tn, fn, _loss, n = (int(round(c)) for c in counts[:N_FIXED])
-    correct = tp + tn
-    report: dict[str, int | str | float | None] = {c: suppress(v, k) for c, v in zip(CELLS, (tp, fp, tn, fn))}
-    report["n"] = suppress(n, k)
-    report["correct"] = suppress(correct, k)
+    tp, fp, tn, fn, _loss, _n = (int(round(c)) for c in counts[:N_FIXED])
+    values = {"tp": tp, "fp": fp, "tn": tn, "fn": fn, "n": tp + fp + tn + fn, "correct": tp + tn}
+    hidden = suppression((tp, fp, tn, fn), k)
+    report: dict[str, int | str | float | None] = {
+        name: SUPPRESSED if name in hidden else value for name, value in values.items()
+    }
 
-    def shown(*cells: int) -> bool:
-        return all(c == 0 or c >= k for c in cells)
+    def ratio(numerator: str, *denominator: str) -> float | None:
+        if hidden & {numerator, *denominator}:
+            return None
+        total = sum(values[d] for d in denominator)
+        return values[numerator] / total if total > 0 else None
 
-    report["accuracy"] = correct / n if n >= k and shown(correct) else None
-    report["sensitivity"] = tp / (tp + fn) if tp + fn > 0 and shown(tp, fn) else None
-    report["specificity"] = tn / (tn + fp) if tn + fp > 0 and shown(tn, fp) else None
+    report["accuracy"] = ratio("correct", "n")
+    report["sensitivity"] = ratio("tp", "tp", "fn")
+    report["specificity"] = ratio("tn", "tn", "fp")
+    report["small_cell_min"] = k
     return report

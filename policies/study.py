@@ -87,7 +87,7 @@ class StudySpec(_Strict):
     training: Training = Training()
     seed: int = 42
     min_silos: int = Field(3, ge=1)
-    small_cell_min: int = Field(5, ge=1)
+    small_cell_min: int = Field(10, ge=1)  # issue 5: counts below 10 are suppressed unless a study says otherwise
     encryption: Literal["none", "ckks"] = "none"
     ckks: CkksParams = CkksParams()
     privacy: Literal["none"] | PrivacyPolicy = "none"

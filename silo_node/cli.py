@@ -156,9 +156,9 @@ def _audit_export(args: argparse.Namespace) -> int:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    from policies.audit import verify_bundles
+    from policies.audit_crosscheck import verify_bundles
 
-    ok, lines = verify_bundles(args.bundles)
+    ok, lines = verify_bundles(args.bundles, args.silo)
     print("\n".join(lines))
     return 0 if ok else 1
 
@@ -192,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_audit_export)
     av = audit_sub.add_parser("verify", help="verify exported bundles; names the first broken entry")
     av.add_argument("bundles", nargs="+")
+    av.add_argument("--silo", action="append", default=[], metavar="DIR",
+                    help="a silo's export: cross-check it against the coordinator export among BUNDLES (repeat per silo)")
     av.set_defaults(func=_audit_verify)
     s = sub.add_parser("start", help="validate, then serve the study through a Flower SuperNode")
     s.add_argument("--study", required=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from policies.audit import (
+    COLUMNS,
     GENESIS_HASH,
     AuditEntry,
     AuditLog,
@@ -255,6 +256,55 @@ def test_duplicate_json_keys_are_refused(log: AuditLog, key: PartyKey) -> None:
     assert "duplicate key 'actor'" in verify(log.path, key.public_keys()).problem
 
 
+def signed_lines(key: PartyKey, count: int) -> list[str]:
+    """A long, valid log written in memory (no fsync per entry), as the benchmark builds it."""
+    prev, out = GENESIS_HASH, []
+    for seq in range(1, count + 1):
+        entry = resign({"seq": seq, "ts": "2026-11-23T00:00:00.000000Z", "actor": "coordinator",
+                        "role": "coordinator", "action": "round.finished", "subject": f"round-{seq}",
+                        "details": {"replied": 4}, "prev_hash": prev, "key_id": key.key_id}, key)
+        out.append(as_line(entry))
+        prev = entry["hash"]
+    return out
+
+
+def forged_signature(line: str, key: PartyKey) -> str:
+    """The same entry signed over another hash: content, hash and links stay intact."""
+    entry = json.loads(line)
+    entry["signature"] = base64.b64encode(key.sign(b"0" * 64)).decode()
+    return as_line(entry)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("bad", [1, 2047, 2048, 2049, 4500])
+def test_bad_signature_anywhere_in_a_long_log_is_named(
+    tmp_path: Path, key: PartyKey, bad: int, threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Signatures are checked in batches on threads (inline on one CPU): the batch edges must
+    not hide or misplace one."""
+    monkeypatch.setattr("policies.audit._verify_threads", lambda: threads)
+    content = signed_lines(key, 5000)
+    content[bad - 1] = forged_signature(content[bad - 1], key)
+    path = tmp_path / "long.jsonl"
+    write_lines(path, content)
+    result = verify(path, key.public_keys())
+    assert result.problem == f"entry {bad}: signature invalid for key {key.key_id}"
+    assert (result.first_bad_seq, result.entries, result.head_seq) == (bad, bad - 1, bad - 1)
+    assert result.head == (json.loads(content[bad - 2])["hash"] if bad > 1 else GENESIS_HASH)
+
+
+def test_the_earlier_of_a_bad_signature_and_a_broken_link_is_reported(tmp_path: Path, key: PartyKey) -> None:
+    content = signed_lines(key, 5000)
+    content[3000] = forged_signature(content[3000], key)  # entry 3001
+    del content[4000]  # entry 4001: a gap, found by the in-order walk long after 3001 was queued
+    path = tmp_path / "long.jsonl"
+    write_lines(path, content)
+    assert verify(path, key.public_keys()).first_bad_seq == 3001
+    content[3000] = signed_lines(key, 5000)[3000]  # repair the signature: now the gap is first
+    write_lines(path, content)
+    assert verify(path, key.public_keys()).problem == "entry 4001: seq 4002 follows seq 4000 (gap)"
+
+
 # --------------------------------------------------------------------------- torn writes
 
 
@@ -408,9 +458,14 @@ def test_witnessed_heads_catch_a_rewritten_history(tmp_path: Path, log: AuditLog
         forged.append(action, subject, {**details, "rewritten": True})
     assert verify(rewritten, key.public_keys()).ok
     # ... but not against what the silo saw
-    problems = check_witnesses(silo.entries(), "coordinator", forged.entries())
-    assert len(problems) == 1 and "history rewritten" in problems[0]
-    assert "log cut short" in check_witnesses(silo.entries(), "coordinator", list(log.entries())[:3])[0]
+    problems = check_witnesses(silo.entries(), "coordinator", forged.entries(), witness_party="silo:cleveland")
+    assert problems == [
+        f"silo:cleveland entry 2 witnessed coordinator at seq 6 with hash {head[:16]}..., but coordinator's "
+        f"entry 6 has hash {forged.head()[1][:16]}... (rewritten?)"
+    ]
+    assert check_witnesses(silo.entries(), "coordinator", list(log.entries())[:3]) == [
+        "witness entry 2 witnessed coordinator at seq 6, but coordinator's log ends at seq 3 (truncated or rolled back?)"
+    ]
 
     with pytest.raises(PolicyError, match="64-character"):
         witness_details("coordinator", 1, "abc")
@@ -450,6 +505,13 @@ def test_export_bundle_and_verify(tmp_path: Path, log: AuditLog, key: PartyKey) 
     assert verify_bundle(bundle, trusted_keys=PartyKey.generate().public_keys()).problem == (
         "entry 1: unknown signing key"
     )
+
+
+def test_flat_rows_keep_the_column_order(log: AuditLog) -> None:
+    """CSV and Parquet copies are built from flat() in COLUMNS order."""
+    for entry in log.entries():
+        assert tuple(entry.flat()) == COLUMNS
+        assert json.loads(entry.flat()["details"]) == entry.details
 
 
 def test_log_export_records_itself(tmp_path: Path, log: AuditLog, key: PartyKey) -> None:
