@@ -205,3 +205,116 @@ def test_register_refuses_a_fingerprint_that_was_not_read_out(tmp_path: Path) ->
     assert key.public.fingerprint() in proc.stderr
     assert not (tmp_path / "coordinator" / "fedcohort.db").exists()
     assert not (tmp_path / "coordinator" / "audit.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------- a real study over TLS
+
+REGISTERED = ("cleveland", "hungary", "va")  # the study's minimum is 3 silos
+ROGUE = "switzerland"  # asks for a key, is never registered
+
+
+def _provision_silo(state: Path, name: str, ca_cert: Path) -> Path:
+    """What silo IT does: request a key, install the CA; returns the public key to send."""
+    silo_dir = state / "silos" / name
+    proc = _cli(SILO, "certs", "request", "--state-dir", str(silo_dir))
+    assert proc.returncode == 0, proc.stderr
+    proc = _cli(SILO, "certs", "trust", str(ca_cert), "--state-dir", str(silo_dir))
+    assert proc.returncode == 0, proc.stderr
+    return silo_dir / "node-auth.pub"
+
+
+def _nodes(fed) -> dict[str, dict]:
+    from coordinator.certs import registered_nodes
+    from coordinator.runtime import _tool, flower_env
+
+    return {n["node-id"]: n for n in registered_nodes(_tool("flwr"), flower_env(fed.flwr_home))}
+
+
+def _probe(fed, name: str, *flags: str) -> str:
+    """A bare Flower SuperNode with the given connection flags, given 45 s; returns its log."""
+    from coordinator.runtime import _tool, free_port
+
+    proc = fed._spawn(f"probe-{name}", [_tool("flower-supernode"), "--superlink", fed.address, "--port",
+                                        str(free_port()), "--max-retries", "2", *flags])
+    deadline = time.monotonic() + 45
+    while proc.alive() and time.monotonic() < deadline and "SuperNode ID" not in proc.log.read_text():
+        time.sleep(1)
+    proc.stop()
+    return proc.log.read_text()
+
+
+@pytest.mark.slow
+def test_study_over_tls_admits_only_registered_silos(tmp_path: Path, sample_paths) -> None:
+    from coordinator.demo import _follow
+    from coordinator.runtime import SiloSpec, local_federation
+    from policies.study import load_study, shipped_study
+    from silo_node.approval import approve
+
+    state = tmp_path / "state"
+    data = load_study(shipped_study()).model_dump(mode="json")
+    data["privacy"], data["encryption"] = "none", "none"
+    data["training"]["rounds"] = 1
+    study_path = tmp_path / "study.yaml"
+    study_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    study = load_study(study_path)
+
+    proc = _cli(COORDINATOR, "certs", "init", "--state-dir", str(state))
+    assert proc.returncode == 0, proc.stderr
+    tls = load_superlink_tls(state)
+    keys = {name: _provision_silo(state, name, tls.ca_cert) for name in (*REGISTERED, ROGUE)}
+    for name in keys:
+        approve(state / "silos" / name, study, [], "silo-it")
+    probe_key = request_node_key(tmp_path / "probe")  # registered, but connects without the CA / without TLS
+
+    with local_federation(state / "runtime", tls=tls) as fed:
+        fed.start_superlink()
+        node_ids = {}
+        for name in REGISTERED:
+            key = read_node_public_key(keys[name])
+            proc = _cli(COORDINATOR, "certs", "register", str(keys[name]), "--state-dir", str(state), "--silo", name,
+                        "--superlink", fed.address, "--fingerprint", key.fingerprint())
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            node_ids[name] = int(proc.stdout.split("as Flower node ")[1].split()[0])
+        probe_id = fed.register_silo("probe", probe_key.public_path)
+        # registering the same key again (e.g. under another name) is refused by the SuperLink
+        with pytest.raises(PolicyError, match="refused to register"):
+            fed.register_silo("copycat", keys["va"])
+        silos = {name: fed.start_silo(SiloSpec(name, sample_paths[name], study_path, state / "silos" / name))
+                 for name in (*REGISTERED, ROGUE)}
+        run_id = fed.submit({"study-path": str(study_path), "state-dir": str(state), "expected-silos": 3})
+        summary = _follow(fed, run_id, state / "coordinator" / "summary.json", time.time() + 900, None)
+        assert summary["status"] == "completed", summary.get("reason")
+        assert sorted(summary["final"]["per_silo"]) == sorted(REGISTERED)
+        assert all(sorted(r["replied"]) == sorted(REGISTERED) for r in summary["history"])
+
+        # each registered silo's SuperNode authenticated as the node id registered for it
+        for name in REGISTERED:
+            assert f"SuperNode ID: {node_ids[name]}" in silos[name].log.read_text()
+        # the unregistered silo's SuperNode was refused and never got a message
+        rogue_log = silos[ROGUE].log.read_text()
+        assert "Failed to activate SuperNode" in rogue_log and "SuperNode ID" not in rogue_log
+        rogue_audit = state / "silos" / ROGUE / "audit.jsonl"
+        assert not rogue_audit.exists() or "replied" not in rogue_audit.read_text()
+        nodes = _nodes(fed)
+        assert {str(node_ids[n]) for n in REGISTERED} | {str(probe_id)} == set(nodes)
+        assert all(nodes[str(node_ids[n])]["status"] == "online" for n in REGISTERED)
+
+        # a registered key does not help without TLS to the study CA
+        auth = ["--auth-supernode-private-key", str(probe_key.private_path)]
+        no_ca = _probe(fed, "no-ca", *auth)  # the system's CAs, not the study's
+        assert "CERTIFICATE_VERIFY_FAILED" in no_ca and "SuperNode ID" not in no_ca, no_ca[-2000:]
+        insecure = _probe(fed, "insecure", "--insecure")  # plain HTTP to the TLS port
+        assert "Failed to initialize the connection" in insecure and "SuperNode ID" not in insecure, insecure[-2000:]
+        insecure_auth = _probe(fed, "insecure-auth", "--insecure", *auth)  # Flower itself refuses this mix
+        assert "requires a secure TLS connection" in insecure_auth and "SuperNode ID" not in insecure_auth
+        assert _nodes(fed)[str(probe_id)]["status"] == "registered"  # never came online
+
+    with open_store(None, state) as store:
+        for name in REGISTERED:
+            row = store.get_silo(name)
+            assert row.flower_node_id == node_ids[name]
+            assert row.node_auth_key == read_node_public_key(keys[name]).openssh.decode()
+        assert store.get_silo(ROGUE) is None or store.get_silo(ROGUE).node_auth_key is None
+    actions = [json.loads(line) for line in (state / "coordinator" / "audit.jsonl").read_text().splitlines()]
+    registered = [a for a in actions if a["action"] == "silo.node_key_registered"]
+    assert sorted(a["subject"] for a in registered) == sorted(REGISTERED)
