@@ -217,7 +217,10 @@ def _certs_register(args: argparse.Namespace) -> int:
             raise PolicyError(f"{args.public_key}: fingerprint {key.fingerprint()} is not the one silo IT read out "
                               f"({args.fingerprint}); not registered")
     elif not args.yes:
-        answer = input("Did the silo's IT read out exactly this fingerprint? [y/N] ")
+        try:
+            answer = input("Did the silo's IT read out exactly this fingerprint? [y/N] ")
+        except EOFError:  # no terminal: nobody confirmed
+            answer = ""
         if answer.strip().lower() not in ("y", "yes"):
             print("not registered")
             return 1

@@ -203,6 +203,9 @@ def test_register_refuses_a_fingerprint_that_was_not_read_out(tmp_path: Path) ->
                 "--superlink", "127.0.0.1:9", "--fingerprint", wrong)
     assert proc.returncode == 2 and "is not the one silo IT read out" in proc.stderr
     assert key.public.fingerprint() in proc.stderr
+    unconfirmed = _cli(COORDINATOR, "certs", "register", str(key.public_path), "--state-dir", str(tmp_path),
+                       "--silo", "va", "--superlink", "127.0.0.1:9")  # nobody at the terminal to confirm
+    assert unconfirmed.returncode == 1 and "not registered" in unconfirmed.stdout
     assert not (tmp_path / "coordinator" / "fedcohort.db").exists()
     assert not (tmp_path / "coordinator" / "audit.jsonl").exists()
 
@@ -318,3 +321,46 @@ def test_study_over_tls_admits_only_registered_silos(tmp_path: Path, sample_path
     actions = [json.loads(line) for line in (state / "coordinator" / "audit.jsonl").read_text().splitlines()]
     registered = [a for a in actions if a["action"] == "silo.node_key_registered"]
     assert sorted(a["subject"] for a in registered) == sorted(REGISTERED)
+
+
+# ---------------------------------------------------------------------------- identity = authenticated node id
+
+
+def _reply_message(req, silo: str, node: int):
+    """A reply as the ServerApp pulls it: sent by `node`, naming `silo` in its payload."""
+    from flwr.app import ConfigRecord, Message, Metadata, RecordDict
+
+    from policies import messages as m
+
+    reply = m.Reply(study_id=req.study_id, policy_hash=req.policy_hash, round=req.round, nonce=req.nonce,
+                    silo=silo, status="ok")
+    header = {k: v for k, v in reply.model_dump().items() if v is not None}  # Flower has no null
+    meta = Metadata(run_id=1, message_id="reply", src_node_id=node, dst_node_id=0, reply_to_message_id="request",
+                    group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
+    return Message(RecordDict({m.HEADER: ConfigRecord(header)}), metadata=meta)
+
+
+def test_replies_must_name_the_silo_registered_for_their_node(tmp_path: Path) -> None:
+    """A reply is accepted only under the name registered for the node id Flower
+    authenticated; a payload claiming another silo is dropped and logged."""
+    from coordinator.bookkeeping import StudyBook
+    from coordinator.server_app import StudyRunner
+    from policies import messages as m
+    from policies.study import load_study, shipped_study
+
+    study = load_study(shipped_study())
+    runner = StudyRunner(grid=None, study=study, out_dir=tmp_path / "coordinator", timeout=1, poll=0.1, expected=3)
+    req = m.Request(study_id=study.id, policy_hash=study.policy_hash(), round=1, nonce=m.new_nonce())
+    assert runner._decode(7, _reply_message(req, "anything", 7), req) is not None  # no book: the insecure demo
+    runner.book = StudyBook(tmp_path, study, shipped_study().read_text(), runner.audit)
+    assert runner._decode(7, _reply_message(req, "anything", 7), req) is not None  # nothing registered yet
+    va, cleveland = request_node_key(tmp_path / "va").public, request_node_key(tmp_path / "cl").public
+    runner.book.store.register_node_key("va", va.openssh.decode(), 7)
+    runner.book.store.register_node_key("cleveland", cleveland.openssh.decode(), 8)
+    assert runner._decode(7, _reply_message(req, "va", 7), req).reply.silo == "va"
+    assert runner._decode(7, _reply_message(req, "cleveland", 7), req) is None  # va's node claiming cleveland
+    assert runner._decode(9, _reply_message(req, "va", 9), req) is None  # a node nobody registered
+    rejected = [json.loads(line) for line in (tmp_path / "coordinator" / "audit.jsonl").read_text().splitlines()
+                if '"reply.rejected"' in line]
+    assert [(e["subject"], e["details"]["node"]) for e in rejected] == [("node-7", "7"), ("node-9", "9")]
+    assert "registered as silo 'va', its reply claims 'cleveland'" in rejected[0]["details"]["reason"]
