@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from policies.errors import PolicyError
@@ -128,16 +129,44 @@ def _start(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     print(f"silo '{args.name}' serving study {study.id} ({study.policy_hash()[:12]}); SuperNode pid {node.pid}", flush=True)
+    stopping, node_died = threading.Event(), threading.Event()
+    threading.Thread(target=_watch_node, args=(node, stopping, node_died), daemon=True).start()
     try:
         serve(state_dir, silo, stop=lambda: node.poll() is not None)
+    except SystemExit:
+        pass
     finally:
-        if node.poll() is None:
-            os.killpg(node.pid, signal.SIGTERM)
-            try:
-                node.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(node.pid, signal.SIGKILL)
+        stopping.set()
+        _stop_group(node)
+    if node_died.is_set():
+        print(f"error: the SuperNode exited with code {node.returncode}; see its log above (a key the coordinator "
+              "has not registered shows 'Failed to activate SuperNode')", file=sys.stderr)
+        return 1
     return 0
+
+
+def _watch_node(node: subprocess.Popen, stopping: threading.Event, died: threading.Event) -> None:
+    """The service waits in accept(): when the SuperNode dies on its own (refused by the
+    SuperLink, crashed), wake this process so it stops instead of serving nobody."""
+    node.wait()
+    if not stopping.is_set():
+        died.set()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _stop_group(node: subprocess.Popen) -> None:
+    """Stop the SuperNode's whole process group (Flower leaves its SuperExec child behind)."""
+    try:
+        os.killpg(node.pid, signal.SIGTERM)
+        node.wait(timeout=10)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(node.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _tls_flags(args: argparse.Namespace, state_dir: Path) -> list[str]:

@@ -293,9 +293,12 @@ def test_study_over_tls_admits_only_registered_silos(tmp_path: Path, sample_path
         # each registered silo's SuperNode authenticated as the node id registered for it
         for name in REGISTERED:
             assert f"SuperNode ID: {node_ids[name]}" in silos[name].log.read_text()
-        # the unregistered silo's SuperNode was refused and never got a message
+        # the unregistered silo's SuperNode was refused, never got a message, and its
+        # `silo-node start` stopped by itself with an error that says why
+        assert silos[ROGUE].popen.wait(timeout=180) == 1
         rogue_log = silos[ROGUE].log.read_text()
         assert "Failed to activate SuperNode" in rogue_log and "SuperNode ID" not in rogue_log
+        assert "error: the SuperNode exited" in rogue_log
         rogue_audit = state / "silos" / ROGUE / "audit.jsonl"
         assert not rogue_audit.exists() or "replied" not in rogue_audit.read_text()
         nodes = _nodes(fed)
@@ -312,6 +315,8 @@ def test_study_over_tls_admits_only_registered_silos(tmp_path: Path, sample_path
         assert "requires a secure TLS connection" in insecure_auth and "SuperNode ID" not in insecure_auth
         assert _nodes(fed)[str(probe_id)]["status"] == "registered"  # never came online
 
+    time.sleep(2)
+    assert str(state) not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     with open_store(None, state) as store:
         for name in REGISTERED:
             row = store.get_silo(name)
