@@ -122,8 +122,8 @@ def init_study_ca(state_dir: Path, hosts: list[str] | None = None, study_name: s
     before the certificates, so an interrupted run leaves no certificate without its key.
     """
     hosts = list(dict.fromkeys(hosts or DEFAULT_HOSTS))
-    sans = [_san(h) for h in hosts]  # validates before anything is written
-    del sans
+    for host in hosts:
+        _san(host)  # a bad host fails here, before anything is written
     directory = tls_dir(state_dir)
     existing = [directory / f for f in (CA_KEY, CA_CERT) if (directory / f).exists()]
     if existing:

@@ -198,13 +198,15 @@ def _certs_init(args: argparse.Namespace) -> int:
     print(f"send to every silo: {tls.ca_cert}")
     print(f"CA fingerprint (read it to each silo's IT by phone; `silo-node certs trust` prints the same):\n  "
           f"{tls.ca_fingerprint()}")
-    print(f"start the SuperLink with: flower-superlink {' '.join(tls.superlink_flags())} --enable-supernode-auth")
+    database = Path(args.state_dir).resolve() / "coordinator" / "superlink.db"
+    print(f"start the SuperLink with: flower-superlink {' '.join(tls.superlink_flags())} --enable-supernode-auth "
+          f"--database {database} (the database keeps registered node keys across restarts)")
     return 0
 
 
 def _certs_register(args: argparse.Namespace) -> int:
     """Check a silo's SuperNode key (fingerprint read out by its IT), register it, record it."""
-    from coordinator.certs import describe, load_superlink_tls, register_node_key, write_connection
+    from coordinator.certs import describe, load_superlink_tls, register_node_key, registered_nodes, write_connection
     from coordinator.runtime import _tool, flower_env
     from coordinator.store import open_store
     from policies.node_identity import read_node_public_key
@@ -231,6 +233,10 @@ def _certs_register(args: argparse.Namespace) -> int:
             raise PolicyError(f"silo {args.silo} is already registered with another SuperNode key; not registered")
         flwr_home = state_dir / "coordinator" / "flwr_home"
         write_connection(flwr_home, args.superlink, tls.ca_cert)
+        if known and known.node_auth_key == key.openssh.decode() and str(known.flower_node_id) in {
+                n.get("node-id") for n in registered_nodes(_tool("flwr"), flower_env(flwr_home))}:
+            print(f"silo {args.silo} is already registered with this key as Flower node {known.flower_node_id}")
+            return 0  # (a SuperLink without --database forgets registrations: then register again)
         node_id = register_node_key(_tool("flwr"), flower_env(flwr_home), Path(args.public_key), args.silo)
         store.register_node_key(args.silo, key.openssh.decode(), node_id)
     open_party_log(state_dir / "coordinator", "coordinator", "coordinator").append(

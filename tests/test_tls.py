@@ -278,6 +278,9 @@ def test_study_over_tls_admits_only_registered_silos(tmp_path: Path, sample_path
                         "--superlink", fed.address, "--fingerprint", key.fingerprint())
             assert proc.returncode == 0, proc.stdout + proc.stderr
             node_ids[name] = int(proc.stdout.split("as Flower node ")[1].split()[0])
+        again = _cli(COORDINATOR, "certs", "register", str(keys["va"]), "--state-dir", str(state), "--silo", "va",
+                     "--superlink", fed.address, "--yes")
+        assert again.returncode == 0 and f"already registered with this key as Flower node {node_ids['va']}" in again.stdout
         probe_id = fed.register_silo("probe", probe_key.public_path)
         # registering the same key again (e.g. under another name) is refused by the SuperLink
         with pytest.raises(PolicyError, match="refused to register"):
