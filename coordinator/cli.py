@@ -1,6 +1,8 @@
 """`coordinator`: run studies and the demo.
 
   coordinator demo [--state-dir DIR] [--json PATH] [--rounds N]
+  coordinator certs init --state-dir DIR [--host NAME ...]
+  coordinator certs register --state-dir DIR --silo NAME --superlink HOST:PORT PUBKEY_FILE
 """
 
 from __future__ import annotations
@@ -188,6 +190,63 @@ def _audit_verify(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _certs_init(args: argparse.Namespace) -> int:
+    """Make the study CA and the SuperLink's certificate; print what goes to the silos."""
+    from coordinator.certs import init_study_ca
+
+    tls = init_study_ca(Path(args.state_dir), args.host or None, args.study_name)
+    print(f"study CA and SuperLink certificate written to {tls.ca_cert.parent} (keys mode 0600)")
+    print(f"send to every silo: {tls.ca_cert}")
+    print(f"CA fingerprint (read it to each silo's IT by phone; `silo-node certs trust` prints the same):\n  "
+          f"{tls.ca_fingerprint()}")
+    database = Path(args.state_dir).resolve() / "coordinator" / "superlink.db"
+    print(f"start the SuperLink with: flower-superlink {' '.join(tls.superlink_flags())} --enable-supernode-auth "
+          f"--database {database} (the database keeps registered node keys across restarts)")
+    return 0
+
+
+def _certs_register(args: argparse.Namespace) -> int:
+    """Check a silo's SuperNode key (fingerprint read out by its IT), register it, record it."""
+    from coordinator.certs import describe, load_superlink_tls, register_node_key, registered_nodes, write_connection
+    from coordinator.runtime import _tool, flower_env
+    from coordinator.store import open_store
+    from policies.node_identity import read_node_public_key
+
+    state_dir = Path(args.state_dir).resolve()
+    key = read_node_public_key(Path(args.public_key))
+    print(f"silo {args.silo}: SuperNode key {describe(key)}")
+    if args.fingerprint is not None:
+        if "".join(args.fingerprint.split()).replace(":", "").lower() != key.fingerprint().replace(" ", ""):
+            raise PolicyError(f"{args.public_key}: fingerprint {key.fingerprint()} is not the one silo IT read out "
+                              f"({args.fingerprint}); not registered")
+    elif not args.yes:
+        try:
+            answer = input("Did the silo's IT read out exactly this fingerprint? [y/N] ")
+        except EOFError:  # no terminal: nobody confirmed
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            print("not registered")
+            return 1
+    tls = load_superlink_tls(state_dir)
+    with open_store(args.db_url, state_dir) as store:
+        known = store.get_silo(args.silo)
+        if known and known.node_auth_key not in (None, key.openssh.decode()):
+            raise PolicyError(f"silo {args.silo} is already registered with another SuperNode key; not registered")
+        flwr_home = state_dir / "coordinator" / "flwr_home"
+        write_connection(flwr_home, args.superlink, tls.ca_cert)
+        if known and known.node_auth_key == key.openssh.decode() and str(known.flower_node_id) in {
+                n.get("node-id") for n in registered_nodes(_tool("flwr"), flower_env(flwr_home))}:
+            print(f"silo {args.silo} is already registered with this key as Flower node {known.flower_node_id}")
+            return 0  # (a SuperLink without --database forgets registrations: then register again)
+        node_id = register_node_key(_tool("flwr"), flower_env(flwr_home), Path(args.public_key), args.silo)
+        store.register_node_key(args.silo, key.openssh.decode(), node_id)
+    open_party_log(state_dir / "coordinator", "coordinator", "coordinator").append(
+        "silo.node_key_registered", args.silo, {"node_id": str(node_id), "fingerprint": key.fingerprint()},
+        actor=args.user)
+    print(f"registered silo {args.silo} as Flower node {node_id}")
+    return 0
+
+
 def _ui(args: argparse.Namespace) -> int:
     """Serve the web UI; replaces this process with `python -m ui` (ui imports coordinator, not the reverse)."""
     argv = [sys.executable, "-m", "ui", "--state-dir", args.state_dir, "--address", args.address, "--port", str(args.port)]
@@ -225,8 +284,30 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--address", default="127.0.0.1")
     u.add_argument("--port", type=int, default=8501)
     u.set_defaults(func=_ui)
+    _certs_parser(sub)
     register_users_cli(sub)
     return parser
+
+
+def _certs_parser(sub: argparse._SubParsersAction) -> None:
+    certs = sub.add_parser("certs", help="TLS and SuperNode authentication: study CA, silo key registration")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True)
+    i = certs_sub.add_parser("init", help="make the study CA and the SuperLink's TLS certificate (once)")
+    i.add_argument("--state-dir", required=True)
+    i.add_argument("--host", action="append", metavar="NAME",
+                   help="DNS name or IP the silos use to reach the SuperLink (repeat; default 127.0.0.1, localhost)")
+    i.add_argument("--study-name", default="fedcohort", help="name shown in the CA certificate")
+    i.set_defaults(func=_certs_init)
+    r = certs_sub.add_parser("register", help="register a silo's SuperNode public key with the SuperLink")
+    r.add_argument("public_key", metavar="PUBKEY_FILE", help="the node-auth.pub the silo sent")
+    r.add_argument("--state-dir", required=True)
+    r.add_argument("--silo", required=True, help="the silo's name in the study")
+    r.add_argument("--superlink", required=True, help="HOST:PORT of the running SuperLink (its Control API)")
+    r.add_argument("--fingerprint", help="the fingerprint silo IT read out; registration fails if it differs")
+    r.add_argument("--yes", action="store_true", help="do not ask to confirm the fingerprint")
+    r.add_argument("--db-url", help="SQLAlchemy URL of the store (default: SQLite under the state dir)")
+    r.add_argument("--user", default="coordinator-cli", help="who registers (recorded in the audit log)")
+    r.set_defaults(func=_certs_register)
 
 
 def main(argv: list[str] | None = None) -> int:

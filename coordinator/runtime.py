@@ -2,6 +2,9 @@
 
 Every process gets its own session so it can be stopped by its own process group,
 never by name; every run gets its own FLWR_HOME; telemetry and update checks are off.
+With `tls` set, the SuperLink serves TLS with the study CA's certificate and admits only
+registered SuperNodes (`--enable-supernode-auth`); without it, everything runs as the
+insecure local demo.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
+
+from coordinator.certs import SuperLinkTls, register_node_key, write_connection
 
 APP_DIR = Path(__file__).resolve().parent / "flower_app"
 BIN = Path(sys.executable).parent
@@ -86,6 +91,7 @@ class LocalFederation:
     env_extra: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     processes: list[Process] = field(default_factory=list)
+    tls: SuperLinkTls | None = None  # None: the insecure local demo
 
     @property
     def flwr_home(self) -> Path:
@@ -109,25 +115,31 @@ class LocalFederation:
         return proc
 
     def start_superlink(self) -> Process:
-        self.flwr_home.mkdir(parents=True, exist_ok=True)
-        (self.flwr_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "{self.address}"\ninsecure = true\n'
-        )
+        write_connection(self.flwr_home, self.address, self.tls.ca_cert if self.tls else None)
+        security = self.tls.superlink_flags() + ["--enable-supernode-auth"] if self.tls else ["--insecure"]
         proc = self._spawn("superlink", [
-            _tool("flower-superlink"), "--insecure", "--port", str(self.port),
+            _tool("flower-superlink"), *security, "--port", str(self.port),
             "--disable-runtime-dependency-installation",
         ])
         self._wait_port(self.port, proc)
         return proc
 
     def start_silo(self, silo: SiloSpec, node_poll: float = 0.25) -> Process:
-        """Start a silo exactly as silo IT would: `silo-node start` (service + SuperNode)."""
+        """Start a silo exactly as silo IT would: `silo-node start` (service + SuperNode).
+
+        With TLS the silo's state dir must hold its CA and registered node key
+        (`silo-node certs trust` / `certs request`, then `register_silo`)."""
         silo.state_dir.mkdir(parents=True, exist_ok=True)
         return self._spawn(f"silo-{silo.name}", [
             _tool("silo-node"), "start", "--study", str(silo.study), "--cohort", str(silo.cohort),
             "--state-dir", str(silo.state_dir), "--superlink", self.address, "--name", silo.name,
-            "--node-port", str(free_port()), "--node-poll", str(node_poll), "--insecure-local-demo",
+            "--node-port", str(free_port()), "--node-poll", str(node_poll),
+            *([] if self.tls else ["--insecure-local-demo"]),
         ])
+
+    def register_silo(self, name: str, public_key: Path) -> int:
+        """Register a silo's SuperNode public key with the running SuperLink; its node id."""
+        return register_node_key(_tool("flwr"), flower_env(self.flwr_home, self.env_extra), public_key, name)
 
     def submit(self, run_config: dict[str, object]) -> str:
         """`flwr run` the study app; returns the Flower run id (kept as text: it is u64)."""
@@ -182,8 +194,9 @@ def _run_id(stdout: str) -> str:
 
 
 @contextmanager
-def local_federation(work_dir: Path, env_extra: dict[str, str] | None = None) -> Iterator[LocalFederation]:
-    fed = LocalFederation(work_dir=work_dir, env_extra=env_extra or {})
+def local_federation(work_dir: Path, env_extra: dict[str, str] | None = None,
+                     tls: SuperLinkTls | None = None) -> Iterator[LocalFederation]:
+    fed = LocalFederation(work_dir=work_dir, env_extra=env_extra or {}, tls=tls)
     try:
         yield fed
     finally:

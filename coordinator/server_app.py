@@ -113,7 +113,8 @@ class StudyRunner:
         try:
             reply = m.Reply.model_validate(dict(rep.content.config_records[m.HEADER]))
             m.check_reply(reply, req)
-        except (KeyError, ValueError) as exc:  # malformed, replayed (old nonce), wrong study or round
+            self.check_identity(node, reply.silo)
+        except (KeyError, ValueError) as exc:  # malformed, replayed, wrong study or round, another silo's name
             self.audit.append("reply.rejected", f"node-{node}", {"node": str(node), "round": req.round,
                                                                  "reason": f"{type(exc).__name__}: {str(exc)[:200]}"})
             return None
@@ -121,6 +122,15 @@ class StudyRunner:
         if reply.audit_seq:
             self.audit.witness(f"silo:{reply.silo}", reply.audit_seq, reply.audit_head)
         return SiloAnswer(node, reply, arrays)
+
+    def check_identity(self, node: int, claimed: str) -> None:
+        """With SuperNode authentication the node id is the silo's identity: a reply must name
+        the silo registered for its node (`coordinator certs register`). Without any
+        registration (the insecure local demo) names come from payloads and are not checked."""
+        registered = {s.flower_node_id: s.name for s in self.book.store.list_silos() if s.node_auth_key} \
+            if self.book else {}
+        if registered and registered.get(node) != claimed:
+            raise ValueError(f"node {node} is registered as silo {registered.get(node)!r}, its reply claims {claimed!r}")
 
     # ---- phases -----------------------------------------------------------------------
     def _ok(self, answers: list[SiloAnswer], needed: str, screen: tuple[str, ...] = ()) -> list[SiloAnswer]:

@@ -171,6 +171,7 @@ class Silo(Base):
     online: Mapped[bool] = mapped_column(Boolean)
     last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    node_auth_key: Mapped[str | None] = mapped_column(Text)  # SuperNode auth public key (OpenSSH line)
 
 
 class Enrolment(Base):
@@ -329,6 +330,7 @@ class SiloRow:
     online: bool
     last_seen: datetime | None
     created_at: datetime
+    node_auth_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -740,6 +742,24 @@ class Store:
                 row.key_fingerprint = key_fingerprint
             if node_id is not None:
                 row.flower_node_id = as_u64(node_id)
+            return _row(SiloRow, row)
+
+    def register_node_key(self, name: str, node_auth_key: str, node_id: int | str) -> SiloRow:
+        """Record the SuperNode key a silo authenticates with and the node id the SuperLink
+        gave it. A silo's key, once registered, never changes silently, and no two silos
+        share a key or a node id."""
+        _text(name, "silo name")
+        node_id = as_u64(node_id)
+        with self._write() as s:
+            row = s.get(Silo, name) or self._new_silo(s, name)
+            if row.node_auth_key not in (None, node_auth_key):
+                raise PolicyError(f"silo {name} is registered with another SuperNode key; unregister it "
+                                  "(`flwr supernode unregister`) and check the new one out of band first")
+            other = s.scalars(select(Silo).where(Silo.name != name, (Silo.node_auth_key == node_auth_key)
+                                                 | (Silo.flower_node_id == node_id))).first()
+            if other is not None:
+                raise PolicyError(f"this SuperNode key or node id {node_id} is already registered for silo {other.name}")
+            row.node_auth_key, row.flower_node_id = node_auth_key, node_id
             return _row(SiloRow, row)
 
     def _new_silo(self, s: Session, name: str) -> Silo:

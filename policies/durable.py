@@ -88,3 +88,14 @@ def read_private(path: Path, what: str) -> bytes:
     if mode & 0o077:
         raise PolicyError(f"{path}: the {what} is readable by others (mode {mode:o}); run: chmod 600 {path}")
     return data
+
+
+def private_dir(path: Path) -> Path:
+    """Create (or tighten to) a directory only its owner can enter, for key files."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o700)  # our own directory: tighten, never loosen
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot create the key directory: {exc.strerror or exc}") from exc
+    return path

@@ -2,6 +2,8 @@
 
   silo-node validate --study STUDY.yaml --cohort FILE.parquet
   silo-node start --study STUDY.yaml --cohort FILE.parquet --state-dir DIR --superlink HOST:PORT --name NAME
+  silo-node certs request --state-dir DIR        (SuperNode key; send node-auth.pub to the coordinator)
+  silo-node certs trust CA.crt --state-dir DIR   (the study CA the coordinator sent)
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from policies.errors import PolicyError
@@ -104,6 +107,7 @@ def _start(args: argparse.Namespace) -> int:
         return 1
     state_dir = Path(args.state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
+    connection = ["--insecure"] if args.insecure_local_demo else _tls_flags(args, state_dir)  # fail before loading
     from silo_node.approval import approve, load_approval, require_approval
 
     if load_approval(state_dir, study) is None and args.insecure_local_demo:
@@ -118,7 +122,7 @@ def _start(args: argparse.Namespace) -> int:
     bin_dir = Path(sys.executable).parent
     cmd = [sys.executable, "-m", "silo_node.supernode_launcher", "--superlink", args.superlink, "--port", str(args.node_port),
            "--node-config", node_config]
-    cmd += ["--insecure"] if args.insecure_local_demo else ["--root-certificates", str(args.root_certificates)]
+    cmd += connection
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
                FEDCOHORT_NODE_POLL=str(args.node_poll), FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(min(args.node_poll, 1.0)),
                PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -130,15 +134,75 @@ def _start(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     print(f"silo '{args.name}' serving study {study.id} ({study.policy_hash()[:12]}); SuperNode pid {node.pid}", flush=True)
+    stopping, node_died = threading.Event(), threading.Event()
+    threading.Thread(target=_watch_node, args=(node, stopping, node_died), daemon=True).start()
     try:
         serve(state_dir, silo, stop=lambda: node.poll() is not None)
+    except SystemExit:
+        pass
     finally:
-        if node.poll() is None:
-            os.killpg(node.pid, signal.SIGTERM)
-            try:
-                node.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(node.pid, signal.SIGKILL)
+        stopping.set()
+        _stop_group(node)
+    if node_died.is_set():
+        print(f"error: the SuperNode exited with code {node.returncode}; see its log above (a key the coordinator "
+              "has not registered shows 'Failed to activate SuperNode')", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _watch_node(node: subprocess.Popen, stopping: threading.Event, died: threading.Event) -> None:
+    """The service waits in accept(): when the SuperNode dies on its own (refused by the
+    SuperLink, crashed), wake this process so it stops instead of serving nobody."""
+    node.wait()
+    if not stopping.is_set():
+        died.set()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _stop_group(node: subprocess.Popen) -> None:
+    """Stop the SuperNode's whole process group (Flower leaves its SuperExec child behind)."""
+    try:
+        os.killpg(node.pid, signal.SIGTERM)
+        node.wait(timeout=10)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(node.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _tls_flags(args: argparse.Namespace, state_dir: Path) -> list[str]:
+    """TLS to the study CA and SuperNode authentication, from the state dir unless given."""
+    from silo_node.certs import ca_path, node_key_path
+
+    ca = ca_path(state_dir, args.root_certificates)
+    key = node_key_path(state_dir, args.auth_key)
+    return ["--root-certificates", str(ca), "--auth-supernode-private-key", str(key)]
+
+
+def _certs_request(args: argparse.Namespace) -> int:
+    """Make (once) this silo's SuperNode key pair; print what goes to the coordinator."""
+    from silo_node.certs import request_node_key
+
+    key = request_node_key(Path(args.state_dir))
+    print(f"{'new' if key.created else 'existing'} SuperNode authentication key: {key.private_path} (mode 0600, "
+          "never leaves this machine)")
+    print(f"send to the coordinator: {key.public_path}")
+    print(key.public.openssh.decode())
+    print(f"fingerprint (read it to the coordinator by phone):\n  {key.public.fingerprint()}\n"
+          f"  (ssh-keygen -l -f {key.public_path.name} shows {key.public.ssh_fingerprint()})")
+    return 0
+
+
+def _certs_trust(args: argparse.Namespace) -> int:
+    from silo_node.certs import trust_ca
+
+    path, fingerprint = trust_ca(Path(args.state_dir), Path(args.ca_file), replace=args.replace)
+    print(f"study CA installed as {path}")
+    print(f"CA fingerprint (compare with the one the coordinator reads out):\n  {fingerprint}")
     return 0
 
 
@@ -204,17 +268,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--node-port", type=int, default=9094, help="local port of the SuperNode (distinct per node)")
     s.add_argument("--node-poll", type=float, default=0.25,
                    help="seconds between the SuperNode's polls when idle (3 = Flower's stock behaviour)")
-    s.add_argument("--root-certificates", help="CA certificate of the coordinator (TLS)")
-    s.add_argument("--insecure-local-demo", action="store_true", help="no TLS: only for the local demo on 127.0.0.1")
+    s.add_argument("--root-certificates", help="study CA certificate (default: STATE/ca.crt from `certs trust`)")
+    s.add_argument("--auth-key", help="SuperNode authentication private key (default: STATE/keys/node-auth.key)")
+    s.add_argument("--insecure-local-demo", action="store_true",
+                   help="no TLS, no node authentication: only for the local demo on 127.0.0.1")
     s.set_defaults(func=_start)
+    c = sub.add_parser("certs", help="TLS and SuperNode authentication for this silo")
+    certs_sub = c.add_subparsers(dest="certs_command", required=True)
+    cr = certs_sub.add_parser("request", help="make this silo's SuperNode key pair; prints the public key to send")
+    cr.add_argument("--state-dir", required=True)
+    cr.set_defaults(func=_certs_request)
+    ct = certs_sub.add_parser("trust", help="install the study CA certificate the coordinator sent")
+    ct.add_argument("ca_file", metavar="CA_FILE")
+    ct.add_argument("--state-dir", required=True)
+    ct.add_argument("--replace", action="store_true", help="replace a different CA already installed")
+    ct.set_defaults(func=_certs_trust)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "start" and not args.insecure_local_demo and not args.root_certificates:
-            raise PolicyError("start needs --root-certificates (TLS) or, for a local demo only, --insecure-local-demo")
         return args.func(args)
     except PolicyError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from policies.durable import fsync_dir, read_private, write_all, write_atomic
+from policies.durable import fsync_dir, private_dir, read_private, write_all, write_atomic
 from policies.errors import PolicyError
 
 KEYS_DIR = "keys"
@@ -237,14 +237,7 @@ def destroy_study_secret(state_dir: str | Path, study_id: str) -> bool:
 
 
 def _keys_dir(state_dir: str | Path) -> Path:
-    path = Path(state_dir) / KEYS_DIR
-    try:
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if path.stat().st_mode & 0o077:
-            path.chmod(0o700)  # our own directory: tighten, never loosen
-    except OSError as exc:
-        raise PolicyError(f"{path}: cannot create the key directory: {exc.strerror or exc}") from exc
-    return path
+    return private_dir(Path(state_dir) / KEYS_DIR)
 
 
 def _load_private_key(path: Path) -> X25519PrivateKey:
