@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -117,23 +116,21 @@ def _start(args: argparse.Namespace) -> int:
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
                FEDCOHORT_NODE_POLL=str(args.node_poll), FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(min(args.node_poll, 1.0)),
                PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
-    node = subprocess.Popen(cmd, env=env, start_new_session=True)
+    from silo_node.supernode_keeper import SuperNodeKeeper
+
+    node = SuperNodeKeeper(cmd, env)  # restarts the SuperNode if it exits (e.g. a new SuperLink)
 
     def _stop(*_: object) -> None:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    print(f"silo '{args.name}' serving study {study.id} ({study.policy_hash()[:12]}); SuperNode pid {node.pid}", flush=True)
+    pid = node.start()
+    print(f"silo '{args.name}' serving study {study.id} ({study.policy_hash()[:12]}); SuperNode pid {pid}", flush=True)
     try:
-        serve(state_dir, silo, stop=lambda: node.poll() is not None)
+        serve(state_dir, silo, stop=lambda: node.stopping)
     finally:
-        if node.poll() is None:
-            os.killpg(node.pid, signal.SIGTERM)
-            try:
-                node.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(node.pid, signal.SIGKILL)
+        node.stop()
     return 0
 
 
