@@ -108,11 +108,21 @@ class LocalFederation:
         self.processes.append(proc)
         return proc
 
-    def start_superlink(self) -> Process:
+    def write_connection(self) -> None:
+        """The `flwr` CLI's connection to this SuperLink ($FLWR_HOME/config.toml)."""
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         (self.flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "{self.address}"\ninsecure = true\n'
         )
+
+    def superlink_reachable(self) -> bool:
+        """Does anything accept connections on the SuperLink's port (ours or one started earlier)?"""
+        with socket.socket() as s:
+            s.settimeout(2.0)
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def start_superlink(self) -> Process:
+        self.write_connection()
         proc = self._spawn("superlink", [
             _tool("flower-superlink"), "--insecure", "--port", str(self.port),
             "--disable-runtime-dependency-installation",
