@@ -54,17 +54,28 @@ class Process:
     log: Path
 
     def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM the process group, SIGKILL it if it has not gone after `grace` seconds."""
-        if self.popen.poll() is not None:
-            return
+        """SIGTERM the process group, SIGKILL it if it has not gone after `grace` seconds.
+
+        Whatever of the group outlives its leader is killed too: a ServerApp left behind by
+        its SuperLink ignores SIGTERM and would otherwise retry forever.
+        """
         try:
-            os.killpg(self.popen.pid, signal.SIGTERM)
-            self.popen.wait(timeout=grace)
+            if self.popen.poll() is None:
+                os.killpg(self.popen.pid, signal.SIGTERM)
+                self.popen.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait(timeout=grace)
+            if self._killpg():
+                self.popen.wait(timeout=grace)
         except ProcessLookupError:
             pass
+        self._killpg()
+
+    def _killpg(self) -> bool:
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            return True
+        except ProcessLookupError:
+            return False
 
     def alive(self) -> bool:
         return self.popen.poll() is None

@@ -92,16 +92,24 @@ def _policy_file(state_dir: Path, row: StudyRow) -> Path:
     return path
 
 
+def _lock_released(coordinator_dir: Path, wait: float) -> bool:
+    """Is no ServerApp running here? Waits up to `wait` s for one that is on its way out."""
+    deadline = time.monotonic() + wait
+    while True:
+        fd = hold_study_lock(coordinator_dir)
+        if fd is not None:
+            os.close(fd)  # only a probe: the ServerApp takes the lock for its own life
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
+
+
 def start_study(state_dir: Path, plan: StartPlan, address: str, *, expected_silos: int, db_url: str | None = None,
-                timeout: float = 3600.0, on_progress: ProgressFn | None = None) -> dict:
+                timeout: float = 3600.0, lock_wait: float = 90.0, on_progress: ProgressFn | None = None) -> dict:
     """Submit the study as a new Flower run (starting a SuperLink if none listens); follow it to its end."""
     state_dir = Path(state_dir).resolve()
     coordinator_dir = state_dir / "coordinator"
-    lock = hold_study_lock(coordinator_dir)
-    if lock is None:
-        raise PolicyError(f"a ServerApp is still running a study in {state_dir} ({coordinator_dir / LOCK_FILE} "
-                          "is held); stop it first or wait for it to finish")
-    os.close(lock)  # only a probe: the ServerApp takes the lock for its own life
     host, _, port = address.rpartition(":")
     if host not in ("127.0.0.1", "localhost"):
         raise PolicyError(f"--superlink {address}: without TLS (issue 7) only a SuperLink on 127.0.0.1 is allowed")
@@ -112,6 +120,11 @@ def start_study(state_dir: Path, plan: StartPlan, address: str, *, expected_silo
             fed.start_superlink()
         else:
             fed.write_connection()
+        # After the SuperLink is up: a ServerApp orphaned by a crashed SuperLink retries until
+        # a SuperLink answers, is refused there (its run is unknown) and exits, freeing the lock.
+        if not _lock_released(coordinator_dir, lock_wait):
+            raise PolicyError(f"a ServerApp is still running a study in {state_dir} ({coordinator_dir / LOCK_FILE} "
+                              f"held for {lock_wait:g} s); stop it first or wait for it to finish")
         summary_path = coordinator_dir / "summary.json"
         summary_path.unlink(missing_ok=True)
         run_id = fed.submit({"study-path": str(plan.study_path), "state-dir": str(state_dir),
