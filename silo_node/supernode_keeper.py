@@ -13,17 +13,25 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Sequence
+
+
+QUICK = 10.0  # seconds: a SuperNode that exits sooner than this did not get going
+GIVE_UP_AFTER = 5  # quick exits in a row before the silo stops instead of looping
 
 
 class SuperNodeKeeper:
     """Start a SuperNode process and restart it (after `backoff` seconds) whenever it exits."""
 
     def __init__(self, cmd: Sequence[str], env: dict[str, str], backoff: float = 2.0,
-                 say: Callable[[str], None] = lambda line: print(line, flush=True)):
-        self.cmd, self.env, self.backoff, self.say = list(cmd), env, backoff, say
+                 say: Callable[[str], None] = lambda line: print(line, flush=True),
+                 on_give_up: Callable[[], None] = lambda: os.kill(os.getpid(), signal.SIGTERM)):
+        self.cmd, self.env, self.backoff, self.say, self.on_give_up = list(cmd), env, backoff, say, on_give_up
         self.process: subprocess.Popen | None = None
         self.restarts = 0
+        self._started_at = 0.0
+        self._quick_exits = 0  # consecutive exits within QUICK seconds of starting: a broken setup
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._watcher: threading.Thread | None = None
@@ -40,12 +48,20 @@ class SuperNodeKeeper:
         with self._lock:
             if not self._stopping.is_set():
                 self.process = subprocess.Popen(self.cmd, env=self.env, start_new_session=True)
+                self._started_at = time.monotonic()
 
     def _watch(self) -> None:
         while not self._stopping.wait(0.5):
             proc = self.process
             if proc is None or proc.poll() is None:
                 continue
+            self._quick_exits = self._quick_exits + 1 if time.monotonic() - self._started_at < QUICK else 0
+            if self._quick_exits >= GIVE_UP_AFTER:
+                self.say(f"SuperNode exited {GIVE_UP_AFTER} times within {QUICK:g} s of starting "
+                         f"(last code {proc.returncode}); giving up: check --superlink and the node's log")
+                self._stopping.set()
+                self.on_give_up()
+                return
             self.say(f"SuperNode exited with code {proc.returncode} (SuperLink restarted or unreachable?); "
                      f"starting a new one in {self.backoff:g} s")
             if self._stopping.wait(self.backoff):

@@ -88,6 +88,22 @@ def test_silo_outbox_answers_a_resend_after_a_service_restart(tmp_path):
     assert len(list((tmp_path / "outbox").glob("*.npz"))) == 3
 
 
+def test_supernode_keeper_restarts_then_gives_up_on_a_broken_setup():
+    """An exited SuperNode is started again; one that never gets going stops the silo."""
+    import threading
+
+    from silo_node.supernode_keeper import GIVE_UP_AFTER, SuperNodeKeeper
+
+    gave_up, lines = threading.Event(), []
+    keeper = SuperNodeKeeper([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ), backoff=0.1,
+                             say=lines.append, on_give_up=gave_up.set)
+    keeper.start()
+    assert gave_up.wait(60), lines
+    assert keeper.restarts == GIVE_UP_AFTER - 1 and keeper.stopping
+    assert "exited with code 3" in lines[0] and "giving up" in lines[-1]
+    keeper.stop()
+
+
 # ---- real processes ------------------------------------------------------------------------
 
 
