@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from coordinator.runtime import LocalFederation, SiloSpec, local_federation
+from coordinator.runtime import LocalFederation, SiloSpec, end_serverapp, local_federation
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data"
 SAMPLE_SILOS = ("cleveland", "hungary", "switzerland", "va")
@@ -57,10 +57,21 @@ def run_local_study(
             "study-path": str(Path(study_path).resolve()), "state-dir": str(state_dir),
             "expected-silos": len(cohorts), "transport": transport,
         })
-        summary = follow_run(fed, run_id, summary_path, started + timeout, on_progress)
+        try:
+            summary = follow_run(fed, run_id, summary_path, started + timeout, on_progress)
+        finally:
+            end_unfinished_serverapp(summary_path)
     summary["flower_run_id"] = run_id
     summary["wall_seconds"] = time.time() - started
     return summary
+
+
+def end_unfinished_serverapp(summary_path: Path) -> None:
+    """Interrupted (Ctrl-C, timeout, SuperLink gone): end the ServerApp too, so the study
+    stays resumable and the next run can take its lock. A finished one has exited already."""
+    summary = read_summary(summary_path) or {}
+    if summary.get("status") not in FINAL_STATES and summary.get("pid"):
+        end_serverapp(int(summary["pid"]))
 
 
 def follow_run(fed: LocalFederation, run_id: str, summary_path: Path, deadline: float,

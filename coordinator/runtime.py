@@ -81,6 +81,27 @@ class Process:
         return self.popen.poll() is None
 
 
+def end_serverapp(pid: int, grace: float = 3.0) -> bool:
+    """End a ServerApp whose SuperLink is being stopped under it, by its pid.
+
+    Flower starts the ServerApp in its SuperExec's process group, not the SuperLink's, and
+    once the SuperLink is gone it ignores SIGTERM and retries forever, holding the study's
+    run lock. Only a process whose command line is still Flower's ServerApp is signalled
+    (the pid may have been reused). Returns whether one was ended.
+    """
+    try:
+        if b"flwr-serverapp" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return False
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        pass
+    return True
+
+
 @dataclass
 class SiloSpec:
     name: str

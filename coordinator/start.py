@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.demo import ProgressFn, follow_run
+from coordinator.demo import ProgressFn, end_unfinished_serverapp, follow_run
 from coordinator.lifecycle import ACTIVE, FINAL
 from coordinator.runtime import LocalFederation
 from coordinator.runlock import LOCK_FILE, hold_study_lock
@@ -129,7 +129,10 @@ def start_study(state_dir: Path, plan: StartPlan, address: str, *, expected_silo
         summary_path.unlink(missing_ok=True)
         run_id = fed.submit({"study-path": str(plan.study_path), "state-dir": str(state_dir),
                              "expected-silos": expected_silos, "db-url": db_url or ""})
-        summary = follow_run(fed, run_id, summary_path, time.time() + timeout, on_progress)
+        try:
+            summary = follow_run(fed, run_id, summary_path, time.time() + timeout, on_progress)
+        finally:
+            end_unfinished_serverapp(summary_path)
     finally:
         fed.stop()  # only what this command started (a SuperLink it brought up); never the silos
     return summary | {"flower_run_id": run_id, "started_superlink": started_superlink}
