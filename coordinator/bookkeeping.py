@@ -11,7 +11,7 @@ from pathlib import Path
 
 from coordinator.lifecycle import transition
 from coordinator.rounds import RoundRecord
-from coordinator.store import Store, StudyRow, open_store
+from coordinator.store import CheckpointRow, Store, StudyRow, open_store
 from policies.audit import AuditLog
 from policies.errors import PolicyError
 from policies.study import StudySpec
@@ -69,8 +69,8 @@ class StudyBook:
         if decision == "reject":
             raise PolicyError(f"round {round_no} was rejected by the study lead; study stopped")
 
-    def round_started(self, round_no: int, asked: list[str]) -> None:
-        self.store.record_round_start(self.spec.id, round_no, asked, version=self.spec.version)
+    def round_started(self, round_no: int, asked: list[str], run_id: int | None = None) -> None:
+        self.store.record_round_start(self.spec.id, round_no, asked, run_id, version=self.spec.version)
 
     def round_finished(self, record: RoundRecord) -> None:
         refused = {k: v for k, v in record.refused.items() if k not in record.replied}
@@ -78,6 +78,17 @@ class StudyBook:
         for silo, spend in record.privacy.items():
             self.store.record_privacy_spend(self.spec.id, silo, record.round, spend["epsilon_spent"],
                                             spend["epsilon_budget"], spend.get("rounds_left"), version=self.spec.version)
+
+    def checkpoint(self, round_no: int, blob: bytes, silos_in: list[str]) -> None:
+        """Keep what a new run needs to continue after `round_no` (sums and public bookkeeping only)."""
+        self.store.save_checkpoint(self.spec.id, round_no, blob, silos_in, version=self.spec.version)
+
+    def last_checkpoint(self) -> CheckpointRow | None:
+        return self.store.load_last_checkpoint(self.spec.id, version=self.spec.version)
+
+    def reopen_after(self, round_no: int) -> list[int]:
+        """Rounds after the checkpoint that a dead run started or finished: they run again."""
+        return self.store.reopen_rounds_after(self.spec.id, round_no, version=self.spec.version)
 
     def evaluation(self, model_round: int, scope: str, metrics: dict) -> None:
         self.store.record_evaluation(self.spec.id, model_round, scope, metrics, version=self.spec.version)

@@ -3,6 +3,7 @@
   coordinator demo [--state-dir DIR] [--json PATH] [--rounds N]
   coordinator certs init --state-dir DIR [--host NAME ...]
   coordinator certs register --state-dir DIR --silo NAME --superlink HOST:PORT PUBKEY_FILE
+  coordinator start --state-dir DIR [--study STUDY.yaml] [--superlink HOST:PORT] --insecure-local-demo
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ from policies.errors import PolicyError
 from policies.study import load_study, shipped_study
 from policies.validation import validate_cohort
 from coordinator.demo import run_local_study, sample_cohorts
+from coordinator.start import interrupted_round
 from coordinator.users import ensure_demo_lead, register_cli as register_users_cli
 
 # FLamby Fed-Heart-Disease published means over the 4 hospitals (see ../shared/BENCHMARKS.md)
@@ -128,8 +131,10 @@ def _demo(args: argparse.Namespace) -> int:
     console = Console()
     state_dir = Path(args.state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
-    archived = _archive_previous_demo(state_dir)
-    if archived:
+    resume_after = interrupted_round(state_dir, load_study(_study_file(args, state_dir)))
+    if resume_after is not None:  # same policy, unfinished, checkpointed: continue it, archive nothing
+        console.print(f"resuming the interrupted demo after round {resume_after} (a new Flower run)")
+    elif archived := _archive_previous_demo(state_dir):
         console.print(f"previous demo state kept in {archived}")
     study_path = _study_file(args, state_dir)
     study = load_study(study_path)
@@ -166,6 +171,37 @@ def _demo(args: argparse.Namespace) -> int:
     print_results(console, summary)
     _print_demo_lead(console, state_dir)
     console.print(f"wall time {summary['wall_seconds']:.1f} s; all processes stopped. Summary: {state_dir / 'coordinator' / 'demo_summary.json'}")
+    return 0
+
+
+def _start(args: argparse.Namespace) -> int:
+    """Run the given study, or resume the unfinished one, over a SuperLink; print the outcome."""
+    from coordinator.start import plan_start, start_study
+
+    if not args.insecure_local_demo:
+        raise PolicyError("start needs TLS provisioning (issue 7, not built yet); on 127.0.0.1 pass --insecure-local-demo")
+    state_dir = Path(args.state_dir).resolve()
+    plan = plan_start(state_dir, Path(args.study) if args.study else None, args.db_url)
+    where = "from the start" if plan.resume_after is None else f"resuming after round {plan.resume_after}"
+    print(f"study {plan.label} ({where}); SuperLink {args.superlink}; state in {state_dir}", flush=True)
+    last = [""]
+
+    def on_progress(summary: dict) -> None:
+        status = str(summary.get("status", ""))
+        if status != last[0]:
+            last[0] = status
+            print(f"  {status}", flush=True)
+
+    summary = start_study(state_dir, plan, args.superlink, expected_silos=args.expected_silos, db_url=args.db_url,
+                          timeout=args.timeout, on_progress=on_progress)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(demo_json(summary), indent=2))
+    if summary.get("status") != "completed":
+        print(f"study did not complete: {summary.get('reason')}; `coordinator start --state-dir {args.state_dir}` "
+              "resumes it from its last checkpoint", file=sys.stderr)
+        return 1
+    print_results(Console(), summary)
     return 0
 
 
@@ -266,6 +302,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rounds", type=int, help="override the number of rounds (makes a new policy version)")
     d.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds")
     d.set_defaults(func=_demo)
+    st = sub.add_parser("start", help="run a study, or resume the one a crash interrupted, over a SuperLink")
+    st.add_argument("--state-dir", default=".fedcohort")
+    st.add_argument("--study", help="study policy YAML (default: the one unfinished study in the store)")
+    st.add_argument("--superlink", default="127.0.0.1:9092",
+                    help="HOST:PORT of the SuperLink; one is started there if none listens (default 127.0.0.1:9092)")
+    st.add_argument("--expected-silos", type=int, default=4, help="wait (bounded) for this many silos before a phase")
+    st.add_argument("--db-url", help="SQLAlchemy URL of the store (default: SQLite under the state dir)")
+    st.add_argument("--json", help="also write the summary as JSON here")
+    st.add_argument("--timeout", type=float, default=3600.0, help="give up following the run after this many seconds")
+    st.add_argument("--insecure-local-demo", action="store_true", help="no TLS: only for studies on 127.0.0.1")
+    st.set_defaults(func=_start)
     audit = sub.add_parser("audit", help="export or verify tamper-evident audit logs")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     e = audit_sub.add_parser("export", help="export audit bundles (JSONL, CSV, Parquet, manifest, zip)")
@@ -310,8 +357,14 @@ def _certs_parser(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(func=_certs_register)
 
 
+def _exit_on_sigterm(*_: object) -> None:
+    raise SystemExit(143)  # unwinds like Ctrl-C: every process the command started is stopped
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("demo", "start"):
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return args.func(args)
     except PolicyError as exc:

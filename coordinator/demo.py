@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from coordinator.runtime import SiloSpec, local_federation
+from coordinator.runtime import LocalFederation, SiloSpec, end_serverapp, local_federation
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data"
 SAMPLE_SILOS = ("cleveland", "hungary", "switzerland", "va")
@@ -57,13 +57,26 @@ def run_local_study(
             "study-path": str(Path(study_path).resolve()), "state-dir": str(state_dir),
             "expected-silos": len(cohorts), "transport": transport,
         })
-        summary = _follow(fed, run_id, summary_path, started + timeout, on_progress)
+        try:
+            summary = follow_run(fed, run_id, summary_path, started + timeout, on_progress)
+        finally:
+            end_unfinished_serverapp(summary_path)
     summary["flower_run_id"] = run_id
     summary["wall_seconds"] = time.time() - started
     return summary
 
 
-def _follow(fed, run_id: str, summary_path: Path, deadline: float, on_progress: ProgressFn | None) -> dict:
+def end_unfinished_serverapp(summary_path: Path) -> None:
+    """Interrupted (Ctrl-C, timeout, SuperLink gone): end the ServerApp too, so the study
+    stays resumable and the next run can take its lock. A finished one has exited already."""
+    summary = read_summary(summary_path) or {}
+    if summary.get("status") not in FINAL_STATES and summary.get("pid"):
+        end_serverapp(int(summary["pid"]))
+
+
+def follow_run(fed: LocalFederation, run_id: str, summary_path: Path, deadline: float,
+               on_progress: ProgressFn | None) -> dict:
+    """Watch the ServerApp's summary until the study ends, the run dies or the SuperLink goes."""
     last_check = 0.0
     while True:
         summary = read_summary(summary_path) or {"status": "starting"}
@@ -79,6 +92,6 @@ def _follow(fed, run_id: str, summary_path: Path, deadline: float, on_progress: 
             if status.startswith("finished") and not (read_summary(summary_path) or {}).get("status") in FINAL_STATES:
                 return summary | {"status": "stopped", "reason": f"Flower run ended ({status}); see {fed.work_dir / 'logs'}"}
         dead = [p.name for p in fed.processes if not p.alive()]
-        if "superlink" in dead:
+        if "superlink" in dead or (time.time() - last_check < 0.5 and not fed.superlink_reachable()):
             return summary | {"status": "stopped", "reason": "the SuperLink exited"}
         time.sleep(0.5)

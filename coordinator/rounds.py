@@ -7,15 +7,20 @@ per-silo contributions are dropped as soon as they are summed.
 
 from __future__ import annotations
 
+import io
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
 
+from policies.errors import PolicyError
 from policies.metrics import metrics_from_counts
 from policies.update import sum_vectors
+
+CHECKPOINT_FORMAT = 1
+_META, _STATS = "_meta", "_stats_sum"
 
 
 @dataclass
@@ -51,6 +56,48 @@ class StudyState:
         agg = self.adder(updates)
         self.aggregates.append(agg)
         return agg
+
+    def to_checkpoint(self, arrays: dict[str, np.ndarray], meta: dict) -> bytes:
+        """Serialise what a new Flower run needs to continue: sums, round records, `arrays`, `meta`.
+
+        Only what the coordinator already holds goes in (under CKKS the sums are ciphertexts
+        it cannot open); `meta` is public bookkeeping as JSON. An .npz archive read back
+        without pickle, so a checkpoint can never carry code.
+        """
+        if any(k.startswith(("agg_", "_")) or k in (_STATS, _META) for k in arrays):
+            raise ValueError(f"checkpoint array names clash with the study state: {sorted(arrays)}")
+        body = {"format": CHECKPOINT_FORMAT, "study_id": self.study_id, "policy_hash": self.policy_hash,
+                "started": self.started, "rounds": [asdict(r) for r in self.rounds], "meta": meta}
+        out = {_META: np.frombuffer(json.dumps(body, default=float).encode(), dtype=np.uint8)}
+        if self.stats_sum is not None:
+            out[_STATS] = np.asarray(self.stats_sum)
+        out |= {f"agg_{r:04d}": np.asarray(a) for r, a in enumerate(self.aggregates, start=1)}
+        out |= {k: np.asarray(v) for k, v in arrays.items()}
+        buf = io.BytesIO()
+        np.savez(buf, **out)
+        return buf.getvalue()
+
+    @classmethod
+    def from_checkpoint(cls, blob: bytes, study_id: str, policy_hash: str) -> tuple["StudyState", dict[str, np.ndarray], dict]:
+        """Rebuild the state written by `to_checkpoint`; refuses another study's checkpoint."""
+        try:
+            with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+            body = json.loads(arrays.pop(_META).tobytes())
+        except (OSError, ValueError, KeyError) as exc:
+            raise PolicyError(f"the study's checkpoint cannot be read ({type(exc).__name__}: {exc})") from None
+        if body.get("format") != CHECKPOINT_FORMAT:
+            raise PolicyError(f"checkpoint format {body.get('format')} is not {CHECKPOINT_FORMAT}; cannot resume")
+        if (body["study_id"], body["policy_hash"]) != (study_id, policy_hash):
+            raise PolicyError(f"the checkpoint is for study {body['study_id']} policy {body['policy_hash'][:12]}, "
+                              f"not {study_id} policy {policy_hash[:12]}: refused")
+        aggs = sorted(k for k in arrays if k.startswith("agg_"))
+        if aggs != [f"agg_{r:04d}" for r in range(1, len(aggs) + 1)]:
+            raise PolicyError("the checkpoint's aggregate history has gaps: refused")
+        state = cls(study_id, policy_hash, stats_sum=arrays.pop(_STATS, None),
+                    aggregates=[arrays.pop(k) for k in aggs],
+                    rounds=[RoundRecord(**r) for r in body["rounds"]], started=float(body["started"]))
+        return state, arrays, body["meta"]
 
     def summary(self) -> dict:
         """JSON-able study summary: per-round pooled metrics and the final evaluation."""

@@ -59,20 +59,52 @@ class Process:
     log: Path
 
     def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM the process group, SIGKILL it if it has not gone after `grace` seconds."""
-        if self.popen.poll() is not None:
-            return
+        """SIGTERM the process group, SIGKILL it if it has not gone after `grace` seconds.
+
+        Whatever of the group outlives its leader is killed too: a ServerApp left behind by
+        its SuperLink ignores SIGTERM and would otherwise retry forever.
+        """
         try:
-            os.killpg(self.popen.pid, signal.SIGTERM)
-            self.popen.wait(timeout=grace)
+            if self.popen.poll() is None:
+                os.killpg(self.popen.pid, signal.SIGTERM)
+                self.popen.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait(timeout=grace)
+            if self._killpg():
+                self.popen.wait(timeout=grace)
         except ProcessLookupError:
             pass
+        self._killpg()
+
+    def _killpg(self) -> bool:
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            return True
+        except ProcessLookupError:
+            return False
 
     def alive(self) -> bool:
         return self.popen.poll() is None
+
+
+def end_serverapp(pid: int, grace: float = 3.0) -> bool:
+    """End a ServerApp whose SuperLink is being stopped under it, by its pid.
+
+    Flower starts the ServerApp in its SuperExec's process group, not the SuperLink's, and
+    once the SuperLink is gone it ignores SIGTERM and retries forever, holding the study's
+    run lock. Only a process whose command line is still Flower's ServerApp is signalled
+    (the pid may have been reused). Returns whether one was ended.
+    """
+    try:
+        if b"flwr-serverapp" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return False
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        pass
+    return True
 
 
 @dataclass
@@ -114,8 +146,18 @@ class LocalFederation:
         self.processes.append(proc)
         return proc
 
-    def start_superlink(self) -> Process:
+    def write_connection(self) -> None:
+        """The `flwr` CLI's connection to this SuperLink ($FLWR_HOME/config.toml), TLS when provisioned."""
         write_connection(self.flwr_home, self.address, self.tls.ca_cert if self.tls else None)
+
+    def superlink_reachable(self) -> bool:
+        """Does anything accept connections on the SuperLink's port (ours or one started earlier)?"""
+        with socket.socket() as s:
+            s.settimeout(2.0)
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def start_superlink(self) -> Process:
+        self.write_connection()
         security = self.tls.superlink_flags() + ["--enable-supernode-auth"] if self.tls else ["--insecure"]
         proc = self._spawn("superlink", [
             _tool("flower-superlink"), *security, "--port", str(self.port),

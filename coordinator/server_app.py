@@ -26,6 +26,8 @@ from policies.errors import PolicyError
 from policies.metrics import metrics_from_counts
 from policies.study import StudySpec, load_study
 from coordinator.bookkeeping import StudyBook
+from coordinator.runlock import hold_study_lock
+from coordinator.store import CheckpointRow
 from coordinator.rounds import RoundRecord, StudyState, final_evaluation
 
 app = ServerApp()
@@ -58,6 +60,10 @@ class StudyRunner:
         self.rejected: dict[str, str] = {}  # silo -> why its reply was dropped (this phase)
         self.holder: int | None = None  # node of the CKKS key holder
         self.not_admitted: set[int] = set()  # late nodes that could not join (no key, refused)
+        self.context_bytes: bytes | None = None  # the keyless aggregator context (CKKS)
+        self.fingerprints: dict[str, str] = {}  # silo -> sha256 of its enrolment public key
+        self.next_nonces: dict[str, str] = {}  # silo -> nonce of the next train round (checkpointed)
+        self.run_id: int | None = None  # this Flower run
 
     # ---- transport ----------------------------------------------------------------
     def wait_for_silos(self) -> list[int]:
@@ -72,8 +78,14 @@ class StudyRunner:
             time.sleep(self.poll)
 
     def exchange(self, nodes: list[int], message_type: str, round_no: int, arrays: dict[str, np.ndarray],
-                 per_node: dict[int, dict[str, np.ndarray]] | None = None) -> tuple[list[SiloAnswer], list[int]]:
-        """Send one request per silo (fresh nonce each), collect what answers in time."""
+                 per_node: dict[int, dict[str, np.ndarray]] | None = None,
+                 nonces: dict[int, str] | None = None) -> tuple[list[SiloAnswer], list[int]]:
+        """Send one request per silo, collect what answers in time.
+
+        Each request gets a fresh nonce unless `nonces` names one: a train round resent
+        after a restart reuses the checkpointed nonce, so a silo that already answered
+        returns its cached reply instead of training (and being charged) again.
+        """
         requests, msgs = {}, []
         shared = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
         seq, head = self.audit.head()
@@ -81,7 +93,7 @@ class StudyRunner:
         for node in nodes:
             lseq, lhead = self.ledger_witness.get(node, (0, ""))
             req = m.Request(study_id=self.study.id, policy_hash=self.state.policy_hash, round=round_no,
-                            nonce=m.new_nonce(), sent_at=sent_at, audit_seq=seq, audit_head=head,
+                            nonce=(nonces or {}).get(node) or m.new_nonce(), sent_at=sent_at, audit_seq=seq, audit_head=head,
                             ledger_seq=lseq, ledger_head=lhead)
             payload = shared if not per_node else ArrayRecord(
                 {k: Array(np.ascontiguousarray(v)) for k, v in (arrays | per_node.get(node, {})).items()})
@@ -177,16 +189,13 @@ class StudyRunner:
         The coordinator ends up with the keyless aggregator context only: it can add
         ciphertexts and nothing else.
         """
-        from policies.ckks import load_context, sum_encrypted_uint8
-
         answers, _ = self.exchange(nodes, m.ENROL, 0, {})
         enrolled = {a.node_id: a for a in self._ok(answers, m.ENROL_PUB)}
         self._require_quorum(list(enrolled.values()), "key ceremony (enrolment keys)")
         holder = self._key_holder(enrolled)
         peers = sorted(n for n in enrolled if n != holder)
         for node, a in enrolled.items():
-            self.audit.append("key.enrolment_seen", a.reply.silo, {
-                "node": str(node), "fingerprint": hashlib.sha256(a.arrays[m.ENROL_PUB].tobytes()).hexdigest()})
+            self._saw_enrolment(node, a)
         peer_keys = {m.peer_key(str(n)): enrolled[n].arrays[m.ENROL_PUB] for n in peers}
         answers, _ = self.exchange([holder], m.KEYGEN, 0, peer_keys)
         made = self._ok(answers, m.AGG_CTX)
@@ -198,10 +207,22 @@ class StudyRunner:
         members = sorted([holder, *received])
         self.holder = holder
         self._require_quorum([enrolled[n] for n in members], "key ceremony (sealed keys opened)")
-        context = load_context(made[0].arrays[m.AGG_CTX].tobytes(), self.study.ckks)
-        self.state.adder = lambda arrays: sum_encrypted_uint8(context, arrays)
+        self._use_context(made[0].arrays[m.AGG_CTX].tobytes())
         self.audit.append("key.ceremony_done", self.study.id, {"holder": made[0].reply.silo, "members": len(members)})
         return members
+
+    def _saw_enrolment(self, node: int, answer: SiloAnswer) -> None:
+        fingerprint = hashlib.sha256(answer.arrays[m.ENROL_PUB].tobytes()).hexdigest()
+        self.fingerprints[answer.reply.silo] = fingerprint
+        self.audit.append("key.enrolment_seen", answer.reply.silo, {"node": str(node), "fingerprint": fingerprint})
+
+    def _use_context(self, context_bytes: bytes) -> None:
+        """Sum ciphertexts under the study's keyless aggregator context from now on."""
+        from policies.ckks import load_context, sum_encrypted_uint8
+
+        context = load_context(context_bytes, self.study.ckks)
+        self.context_bytes = context_bytes
+        self.state.adder = lambda arrays: sum_encrypted_uint8(context, arrays)
 
     def admit_late_silos(self, nodes: list[int]) -> list[int]:
         """Silos that connect after the start join from the next round.
@@ -217,6 +238,8 @@ class StudyRunner:
             answers, _ = self.exchange(new, m.ENROL, 0, {})
             enrolled = {a.node_id: a for a in self._ok(answers, m.ENROL_PUB)}
             sealed: dict[int, dict[str, np.ndarray]] = {}
+            if enrolled and self.holder is None:  # resumed without the key holder: nobody can share the key
+                enrolled = {}
             if enrolled:
                 peer_keys = {m.peer_key(str(n)): a.arrays[m.ENROL_PUB] for n, a in enrolled.items()}
                 shared, _ = self.exchange([self.holder], m.KEYSHARE, 0, peer_keys)
@@ -225,6 +248,8 @@ class StudyRunner:
             answers, _ = self.exchange(sorted(sealed), m.KEYRECV, 0, {}, per_node=sealed) if sealed else ([], [])
             joined = sorted(a.node_id for a in answers if a.reply.status == "ok")
             self.names.update({n: enrolled[n].reply.silo for n in joined})
+            for n in joined:
+                self._saw_enrolment(n, enrolled[n])
         self.not_admitted |= set(new) - set(joined)
         for node in joined:
             name = self.names.get(node, str(node))
@@ -288,7 +313,9 @@ class StudyRunner:
     def train_round(self, nodes: list[int], round_no: int) -> None:
         t0 = time.monotonic()
         history = self._history()
-        answers, dropped = self.exchange(nodes, m.TRAIN, round_no, history)
+        nonces = {n: self.next_nonces[self.names[n]] for n in nodes if self.names.get(n) in self.next_nonces}
+        self.next_nonces = {}
+        answers, dropped = self.exchange(nodes, m.TRAIN, round_no, history, nonces=nonces)
         self.rejected = {}
         ok = self._ok(answers, m.UPDATE, screen=(m.UPDATE, m.EVAL))
         record = RoundRecord(
@@ -329,36 +356,39 @@ class StudyRunner:
 
     # ---- the study ----------------------------------------------------------------------
     def write(self, status: str, reason: str = "") -> None:
-        summary = self.state.summary() | {"status": status, "reason": reason, "planned_rounds": self.study.training.rounds}
+        summary = self.state.summary() | {"status": status, "reason": reason, "planned_rounds": self.study.training.rounds,
+                                          "pid": os.getpid(), "flower_run_id": None if self.run_id is None else str(self.run_id)}
         tmp = self.out_dir / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2, default=float))
         os.replace(tmp, self.out_dir / "summary.json")
 
-    def run(self) -> None:
-        self.audit.append("study.started", self.study.id, {"policy_hash": self.state.policy_hash,
-                                                           "rounds": self.study.training.rounds})
+    def run(self, resume_from: CheckpointRow | None = None) -> None:
+        """Run the study, or continue it from its last checkpoint (a new Flower run after a crash)."""
+        if resume_from is None:
+            self.audit.append("study.started", self.study.id, {"policy_hash": self.state.policy_hash,
+                                                               "rounds": self.study.training.rounds})
         try:
-            self.write("waiting for silos")
-            nodes = self.wait_for_silos()
-            if self.study.encryption == "ckks":
-                self.write("key ceremony")
-                nodes = self.key_ceremony(nodes)
-            self.write("statistics round")
-            nodes = self.stats_round(nodes)
+            if resume_from is None:
+                nodes = self.begin()
+                first = 1
+            else:
+                nodes = self.resume(resume_from)
+                first = resume_from.round_no + 1
             if self.book:
                 self.book.start([self.names[n] for n in nodes])
-            for r in range(1, self.study.training.rounds + 1):
+            for r in range(first, self.study.training.rounds + 1):
                 if self.book:
                     self.write(f"round {r} waiting for approval")
                     self.book.approve(r)
                 nodes = self.admit_late_silos(nodes)  # after the wait: whoever connected meanwhile
                 if self.book:
-                    self.book.round_started(r, [self.names.get(n, str(n)) for n in nodes])
+                    self.book.round_started(r, [self.names.get(n, str(n)) for n in nodes], self.run_id)
                 self.write(f"round {r} running")
                 self.train_round(nodes, r)
                 if self.book:
                     self.book.round_finished(self.state.rounds[-1])
                     self._book_evaluations()
+                self.checkpoint(r, nodes)
             self.write("final evaluation")
             self.final_round(nodes)
             self._book_final()
@@ -413,6 +443,101 @@ class StudyRunner:
                                                           "final_head": final_head, "silo_heads": heads,
                                                           "no_final_head": silent})
 
+    def begin(self) -> list[int]:
+        """Key ceremony and statistics round; checkpointed as round 0."""
+        self.write("waiting for silos")
+        nodes = self.wait_for_silos()
+        if self.study.encryption == "ckks":
+            self.write("key ceremony")
+            nodes = self.key_ceremony(nodes)
+        self.write("statistics round")
+        nodes = self.stats_round(nodes)
+        self.checkpoint(0, nodes)
+        return nodes
+
+    # ---- checkpoint and resume -----------------------------------------------------------
+    def checkpoint(self, round_no: int, nodes: list[int]) -> None:
+        """Keep exactly what the coordinator may hold, so a new run can continue after `round_no`.
+
+        The summed history (ciphertexts under CKKS), the pending evaluation sum, the keyless
+        aggregator context, who is in, the enrolment-key fingerprints and ledger heads seen,
+        and the nonces the next round will use. Never a key, weights or optimiser state:
+        silos rebuild the model from the history themselves.
+        """
+        self.next_nonces = {self.names.get(n, str(n)): m.new_nonce() for n in nodes}
+        arrays: dict[str, np.ndarray] = {}
+        if self.pending_eval is not None:
+            arrays[m.EVAL_SUM] = self.pending_eval[1]
+        if self.context_bytes is not None:
+            arrays[m.AGG_CTX] = np.frombuffer(self.context_bytes, dtype=np.uint8)
+        silos_in = sorted(self.names.get(n, str(n)) for n in nodes)
+        meta = {
+            "round": round_no, "run_id": None if self.run_id is None else str(self.run_id), "silos_in": silos_in,
+            "holder": self.names.get(self.holder) if self.holder is not None else None,
+            "fingerprints": self.fingerprints, "nodes": {self.names.get(n, str(n)): str(n) for n in nodes},
+            "witness": {self.names.get(n, str(n)): list(w) for n, w in self.ledger_witness.items()},
+            "eval_target": None if self.pending_eval is None or self.pending_eval[0] is None else self.pending_eval[0].round,
+            "next_nonces": self.next_nonces,
+        }
+        blob = self.state.to_checkpoint(arrays, meta)
+        if self.book:
+            self.book.checkpoint(round_no, blob, silos_in)
+        self.audit.append("checkpoint.saved", f"{self.study.id}/round-{round_no}", {
+            "round": round_no, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob), "silos_in": silos_in})
+
+    def resume(self, row: CheckpointRow) -> list[int]:
+        """Continue from a checkpoint: restore the sums, find which connected node is which silo.
+
+        Node ids change when the SuperLink restarted, so every connected node is asked for
+        its enrolment key again; a silo is back in only with the key the ceremony saw.
+        """
+        state, arrays, meta = StudyState.from_checkpoint(row.encrypted_state, self.study.id, self.state.policy_hash)
+        state.adder = self.state.adder
+        self.state = state
+        if m.AGG_CTX in arrays:
+            self._use_context(arrays[m.AGG_CTX].tobytes())
+        if m.EVAL_SUM in arrays:
+            target = next((r for r in state.rounds if r.round == meta.get("eval_target")), None)
+            self.pending_eval = (target, arrays[m.EVAL_SUM])
+        self._booked = {r.round for r in state.rounds if r.pooled is not None}
+        self.fingerprints = dict(meta.get("fingerprints") or {})
+        self.next_nonces = dict(meta.get("next_nonces") or {})
+        reopened = self.book.reopen_after(row.round_no) if self.book else []
+        self.audit.append("study.resumed", self.study.id, {
+            "old_run_id": meta.get("run_id"), "new_run_id": None if self.run_id is None else str(self.run_id),
+            "resumed_from_round": row.round_no, "checkpoint_sha256": hashlib.sha256(row.encrypted_state).hexdigest(),
+            "rounds_to_rerun": reopened, "silos_in": meta.get("silos_in", [])})
+        self.write(f"resuming after round {row.round_no}: waiting for silos")
+        nodes = self.wait_for_silos()
+        members = self._identify(nodes, set(meta.get("silos_in", [])))
+        self._require_quorum(members, f"resume after round {row.round_no}")
+        witness = meta.get("witness") or {}
+        for a in members:
+            if a.reply.silo in witness:
+                self.ledger_witness[a.node_id] = (int(witness[a.reply.silo][0]), str(witness[a.reply.silo][1]))
+            if a.reply.silo == meta.get("holder"):
+                self.holder = a.node_id
+        self.names = {a.node_id: a.reply.silo for a in members}
+        return sorted(self.names)
+
+    def _identify(self, nodes: list[int], silos_in: set[str]) -> list[SiloAnswer]:
+        """The connected nodes that are silos of this study, each with the enrolment key it had."""
+        answers, _ = self.exchange(nodes, m.ENROL, 0, {})
+        members: dict[str, SiloAnswer] = {}
+        for a in self._ok(answers, m.ENROL_PUB):
+            fingerprint = hashlib.sha256(a.arrays[m.ENROL_PUB].tobytes()).hexdigest()
+            known = self.fingerprints.get(a.reply.silo)
+            if a.reply.silo not in silos_in:
+                continue  # not in the study at the checkpoint: may join late, next round
+            if known is not None and known != fingerprint:
+                self._reject(a, "enrolment key differs from the one this silo had in the key ceremony")
+            elif a.reply.silo in members:
+                self._reject(a, "another node already answered for this silo")
+            else:
+                members[a.reply.silo] = a
+        self.not_admitted |= {a.node_id for a in answers if a.reply.silo in silos_in and a not in members.values()}
+        return list(members.values())
+
     def _book_final(self) -> None:
         if self.book is None or self.state.final is None:
             return
@@ -426,6 +551,9 @@ class StudyRunner:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = context.run_config
+    out_dir = Path(str(cfg["state-dir"])) / "coordinator"
+    if hold_study_lock(out_dir) is None:  # kept for this process's life
+        raise SystemExit(f"another ServerApp is running the study in {out_dir}; not starting a second one")
     study = load_study(str(cfg["study-path"]))
     runner = StudyRunner(
         grid, study, Path(str(cfg["state-dir"])) / "coordinator",
@@ -440,4 +568,5 @@ def main(grid: Grid, context: Context) -> None:
     except PolicyError as exc:
         runner.write("stopped", str(exc))
         return
-    runner.run()
+    runner.run_id = int(grid.run.run_id)
+    runner.run(resume_from=runner.book.last_checkpoint())

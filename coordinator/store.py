@@ -955,6 +955,21 @@ class Store:
             rnd.status, rnd.finished_at, rnd.updated_at = ("failed" if failed else "finished"), now, now
             return _row(RoundRow, rnd)
 
+    def reopen_rounds_after(self, study_id: str, round_no: int, *, version: int | None = None) -> list[int]:
+        """After a restart from the checkpoint of round `round_no`: later rounds that were
+        running or even finished (but not checkpointed) are marked failed, so they run again
+        under the same round number and approval. Returns their numbers."""
+        with self._write() as s:
+            study = self._study(s, study_id, version)
+            q = (select(Round).where(Round.study_id == study.id, Round.study_version == study.version,
+                                     Round.round_no > round_no, Round.status.in_(("running", "finished")))
+                 .with_for_update())
+            now, reopened = _now(), []
+            for rnd in s.scalars(q.order_by(Round.round_no)):
+                rnd.status, rnd.finished_at, rnd.updated_at = "failed", rnd.finished_at or now, now
+                reopened.append(rnd.round_no)
+            return reopened
+
     def get_round(self, study_id: str, round_no: int, *, version: int | None = None) -> RoundRow | None:
         with self._read() as s:
             rnd = self._round(s, self._study(s, study_id, version), round_no, create=False)

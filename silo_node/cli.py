@@ -12,9 +12,7 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
-import threading
 from pathlib import Path
 
 from policies.errors import PolicyError
@@ -126,52 +124,28 @@ def _start(args: argparse.Namespace) -> int:
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
                FEDCOHORT_NODE_POLL=str(args.node_poll), FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(min(args.node_poll, 1.0)),
                PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
-    node = subprocess.Popen(cmd, env=env, start_new_session=True)
+    from silo_node.supernode_keeper import SuperNodeKeeper
+
+    node = SuperNodeKeeper(cmd, env)  # restarts the SuperNode if it exits (e.g. a new SuperLink)
 
     def _stop(*_: object) -> None:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    print(f"silo '{args.name}' serving study {study.id} ({study.policy_hash()[:12]}); SuperNode pid {node.pid}", flush=True)
-    stopping, node_died = threading.Event(), threading.Event()
-    threading.Thread(target=_watch_node, args=(node, stopping, node_died), daemon=True).start()
+    pid = node.start()
+    print(f"silo '{args.name}' serving study {study.id} ({study.policy_hash()[:12]}); SuperNode pid {pid}", flush=True)
     try:
-        serve(state_dir, silo, stop=lambda: node.poll() is not None)
+        serve(state_dir, silo, stop=lambda: node.stopping)
     except SystemExit:
         pass
     finally:
-        stopping.set()
-        _stop_group(node)
-    if node_died.is_set():
-        print(f"error: the SuperNode exited with code {node.returncode}; see its log above (a key the coordinator "
+        node.stop()
+    if node.gave_up:
+        print("error: the SuperNode keeps exiting right after it starts; see its log above (a key the coordinator "
               "has not registered shows 'Failed to activate SuperNode')", file=sys.stderr)
         return 1
     return 0
-
-
-def _watch_node(node: subprocess.Popen, stopping: threading.Event, died: threading.Event) -> None:
-    """The service waits in accept(): when the SuperNode dies on its own (refused by the
-    SuperLink, crashed), wake this process so it stops instead of serving nobody."""
-    node.wait()
-    if not stopping.is_set():
-        died.set()
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _stop_group(node: subprocess.Popen) -> None:
-    """Stop the SuperNode's whole process group (Flower leaves its SuperExec child behind)."""
-    try:
-        os.killpg(node.pid, signal.SIGTERM)
-        node.wait(timeout=10)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(node.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _tls_flags(args: argparse.Namespace, state_dir: Path) -> list[str]:

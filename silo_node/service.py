@@ -24,6 +24,7 @@ from policies import messages as m
 from policies.audit import AuditLog, open_party_log
 from policies.errors import PolicyError
 from policies.validation import suppress
+from silo_node.outbox import Outbox
 
 SOCKET_NAME = "silo.sock"
 KEY_NAME = "silo.key"
@@ -163,7 +164,9 @@ def serve(state_dir: Path, silo, stop: Callable[[], bool] = lambda: False) -> No
         path.unlink()
     log = open_party_log(state_dir, silo.name, "silo")
     silo.audit = log
-    outbox: dict[tuple[str, int, str], Payload] = {}
+    # Replies kept for resends; a coordinator restarted mid-round first asks who is who
+    # (enrol) and then resends the round, so more than the last reply is kept.
+    outbox = Outbox(state_dir, durable=frozenset({m.TRAIN}))
     log.append("silo.started", silo.study.id, {
         "policy_hash": silo.study.policy_hash(),
         "train_rows": suppress(len(silo.design.train_idx), silo.study.small_cell_min),
@@ -179,10 +182,14 @@ def serve(state_dir: Path, silo, stop: Callable[[], bool] = lambda: False) -> No
                 try:
                     kind, header, arrays = conn.recv()
                     key = (kind, int(header.get("round", -1)), str(header.get("nonce", "")))
-                    if key not in outbox:  # a resend of the same request costs nothing
-                        outbox.clear()
-                        outbox[key] = handle(silo, log, kind, header, arrays)
-                    conn.send(outbox[key])
+                    reply = outbox.get(key)
+                    if reply is None:
+                        reply = handle(silo, log, kind, header, arrays)
+                        outbox.put(key, reply)  # a train reply is on disk before it leaves
+                    else:  # a resend of the same request costs nothing
+                        log.append("request.resent", f"{header.get('study_id')}/round-{key[1]}",
+                                   {"kind": kind, "nonce": key[2], "answered_from": "outbox: nothing recomputed or charged"})
+                    conn.send(reply)
                 except (EOFError, OSError):
                     continue
                 except Exception as exc:  # the service must outlive one bad request
