@@ -16,8 +16,8 @@ Wire format of a blob (little endian)::
     header  "FCKS" | u16 format | u16 flags (0) | u32 chunks | u32 slots | u64 values
     format 2 (packed, the default)
             4 x u64 parms_id | f64 scale | u8 SEAL major, minor | u8 primes | u8 polys (2)
-            | u32 seeds (0) | per data prime q_l: chunks x polys x N residues, bit-packed at
-            width(q_l) bits (policies.bitpack: 60 bits for a 60-bit prime) | 8 zero bytes
+            | u32 seeds (0) | per data prime q_l: chunks x polys x N residues packed into
+            64-bit words' spare bits (policies.bitpack: 16 residues in 15 words at 60 bits)
     format 1 (fallback) per chunk: u32 pad | u32 length | pad zero bytes | TenSEAL bytes
 
 Format 2 carries the residues of each ciphertext and nothing else per chunk: 30 bytes a
@@ -25,8 +25,8 @@ parameter for N=4096, [60, 49] (2 polys x 7.5 bytes per slot), against TenSEAL's
 framing. A silo rebuilds SEAL's serialisation from it (policies.seal_format) for TenSEAL to
 load and decrypt; encrypt_vector checks on every blob that this rebuild gives TenSEAL's
 own bytes back and otherwise sends format 1 (TenSEAL's serialisations, framed). The
-coordinator adds format-2 blobs as residues with numpy ("numpy-residue"), unpacked a block
-at a time, and writes the sum in format 2 again; TenSEAL stays the reference and the path
+coordinator adds format-2 blobs as residues with numpy ("numpy-residue") in their packed
+form, a block at a time, and writes the sum in format 2 again; TenSEAL stays the reference and the path
 for format 1, and both give byte-identical sums. It should call `sum_encrypted_uint8` on
 the uint8 arrays Flower delivers: it copies nothing into `bytes` on the way in or out.
 """
@@ -317,7 +317,7 @@ def _records(blob: memoryview, head: _Head, what: str) -> list[tuple[int, int]]:
 
 
 # -- format 2: header | parms_id, scale, SEAL version, primes, polys, seeds | per prime l:
-#    chunks x polys x N residues bit-packed at width(q_l) | 8 zero bytes (bitpack.SLACK)
+#    chunks x polys x N residues packed into 64-bit words' spare bits (policies.bitpack)
 
 
 @dataclass(frozen=True)
@@ -327,7 +327,7 @@ class _Packed:
     head: _Head
     meta: VectorMeta  # of a full chunk; `values` is the slots used by each chunk but the last
     moduli: tuple[int, ...]
-    widths: tuple[int, ...]
+    packings: tuple[bitpack.Packing, ...]
     offsets: tuple[int, ...]  # where each prime's packed residues start
     length: int  # of the whole blob
 
@@ -339,15 +339,20 @@ class _Packed:
     def chunk_meta(self, c: int) -> VectorMeta:
         return replace(self.meta, values=_chunk_lengths(self.head.values, self.head.slots)[c])
 
+    def words(self, buf: np.ndarray, level: int) -> np.ndarray:
+        """Prime `level`'s packed residues in the uint8 blob `buf`, as (G, cols) words (a view)."""
+        start = self.offsets[level]
+        return self.packings[level].view(buf[start:start + self.packings[level].nbytes(self.count)], self.count)
+
 
 def _packed_layout(head: _Head, meta: VectorMeta, moduli: Sequence[int]) -> _Packed:
-    widths = tuple(bitpack.packed_width(q.bit_length()) for q in moduli)
+    packings = tuple(bitpack.Packing(q.bit_length()) for q in moduli)
     count = head.chunks * meta.size * meta.n
     offsets, pos = [], _PACKED_DATA_AT
-    for w in widths:
+    for packing in packings:
         offsets.append(pos)
-        pos += bitpack.packed_bytes(count, w)
-    return _Packed(head, meta, tuple(moduli), widths, tuple(offsets), pos + bitpack.SLACK)
+        pos += packing.nbytes(count)
+    return _Packed(head, meta, tuple(moduli), packings, tuple(offsets), pos)
 
 
 def _packed_header(p: _Packed) -> bytes:
@@ -376,8 +381,6 @@ def _read_packed(ctx: ts.Context, blob: memoryview, head: _Head, what: str) -> _
     if len(blob) != packed.length:
         kind = "truncated" if len(blob) < packed.length else "too long"
         raise PolicyError(f"{what}: {kind}: {len(blob)} bytes, its header implies {packed.length}")
-    if any(blob[packed.length - bitpack.SLACK:]):
-        raise PolicyError(f"{what}: the closing bytes are not zero (corrupt or not a format-{FORMAT_PACKED} blob)")
     return packed
 
 
@@ -406,18 +409,11 @@ def _pack(ctx: ts.Context, serialised: Sequence[bytes], n_slots: int, values: in
         raise ValueError("rebuilding TenSEAL's serialisation does not round-trip")
     packed = _packed_layout(head, meta, _data_moduli(ctx))
     residues = np.stack([r for _, r in parsed], axis=2)  # (polys, primes, chunks, N)
-    out = np.zeros(packed.length, dtype=np.uint8)
+    out = np.empty(packed.length, dtype=np.uint8)
     out[:_PACKED_DATA_AT] = np.frombuffer(_packed_header(packed), dtype=np.uint8)
-    for level, (offset, width) in enumerate(zip(packed.offsets, packed.widths)):
-        _write_level(out, offset, width, residues[:, level].transpose(1, 0, 2).reshape(-1))
+    for level, packing in enumerate(packed.packings):
+        packed.words(out, level)[...] = packing.pack(residues[:, level].transpose(1, 0, 2))  # chunk, poly, coeff
     return out.tobytes()
-
-
-def _write_level(out: np.ndarray, offset: int, width: int, values: np.ndarray) -> None:
-    """Bit-pack one prime's residues (chunk-major, then poly, then coefficient) into out."""
-    groups = values.size // bitpack.GROUP
-    bitpack.Packer(out, offset, groups, width).write(values.reshape(groups, bitpack.GROUP).T, 0,
-                                                     np.empty(groups, dtype=np.uint64))
 
 
 def _residues(view: memoryview, packed: _Packed) -> np.ndarray:
@@ -425,10 +421,8 @@ def _residues(view: memoryview, packed: _Packed) -> np.ndarray:
     buf = np.frombuffer(view, dtype=np.uint8)
     m = packed.meta
     out = np.empty((packed.head.chunks, m.size, m.levels, m.n), dtype=np.uint64)
-    for level, (offset, width, q) in enumerate(zip(packed.offsets, packed.widths, packed.moduli)):
-        groups = packed.count // bitpack.GROUP
-        planes = bitpack.Unpacker(buf, offset, groups, width).read(0, groups)
-        flat = np.remainder(planes.T.reshape(-1), np.uint64(q))
+    for level, (packing, q) in enumerate(zip(packed.packings, packed.moduli)):
+        flat = np.remainder(packing.unpack(packed.words(buf, level), packed.count), np.uint64(q))
         out[:, :, level] = flat.reshape(packed.head.chunks, m.size, m.n)
     return out
 
@@ -506,7 +500,6 @@ def _load_tenseal(ctx: ts.Context, chunk: bytes | memoryview, what: str) -> ts.C
 # ---------------------------------------------------------------------------- sums
 
 SumMethod = Literal["auto", "tenseal", "numpy-residue"]
-_BLOCK_GROUPS = 1 << 14  # groups of 8 residues summed per step: the accumulator stays in cache
 
 
 def sum_encrypted(aggregator_ctx: ts.Context, blobs: Sequence[Blob], *, method: SumMethod = "auto") -> bytes:
@@ -577,33 +570,15 @@ def _sum_tenseal(ctx: ts.Context, views: list[memoryview], heads: list[_Head]) -
 def _sum_packed(views: list[memoryview], packed: list[_Packed]) -> np.ndarray:
     """Add format-2 blobs without TenSEAL: (c0, c1) of a sum are the sums of the (c0, c1)
     modulo each prime, which is all SEAL's add does for same-scale, same-level inputs.
-
-    Residues are unpacked a block at a time into one accumulator that stays in cache while
-    the K blobs stream past, reduced, and packed into the output. A residue >= q (never
-    written by a silo) is the same ciphertext as its reduction, so it is simply reduced.
-    """
+    The residues are added in their packed form (bitpack.Packing.sum_mod) and the sum is
+    written in format 2 again; a residue >= q (never written by a silo) is the same
+    ciphertext as its reduction, so it is simply reduced."""
     layout = packed[0]
-    out = np.zeros(layout.length, dtype=np.uint8)
+    out = np.empty(layout.length, dtype=np.uint8)
     out[:_PACKED_DATA_AT] = np.frombuffer(views[0][:_PACKED_DATA_AT], dtype=np.uint8)
     bufs = [np.frombuffer(v, dtype=np.uint8) for v in views]
-    groups = layout.count // bitpack.GROUP
-    acc = np.empty((bitpack.GROUP, _BLOCK_GROUPS), dtype=np.uint64)
-    scratch = np.empty(_BLOCK_GROUPS, dtype=np.uint64)
-    for offset, width, q in zip(layout.offsets, layout.widths, layout.moduli):
-        readers = [bitpack.Unpacker(b, offset, groups, width) for b in bufs]
-        writer = bitpack.Packer(out, offset, groups, width)
-        fits = ((1 << 64) - 1) // ((1 << width) - 1)  # terms below 2^width that sum without overflow
-        modulus = np.uint64(q)
-        for start in range(0, groups, _BLOCK_GROUPS):
-            stop = min(groups, start + _BLOCK_GROUPS)
-            block = acc[:, :stop - start]
-            block.fill(0)
-            for k, reader in enumerate(readers):
-                if k and k % fits == 0:
-                    np.remainder(block, modulus, out=block)  # now < q: room for fits - 1 more terms
-                reader.add_into(block, start, stop, scratch)
-            np.remainder(block, modulus, out=block)
-            writer.write(block, start, scratch)
+    for level, (packing, q) in enumerate(zip(layout.packings, layout.moduli)):
+        packing.sum_mod([layout.words(b, level) for b in bufs], q, layout.words(out, level))
     return out
 
 
