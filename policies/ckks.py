@@ -15,20 +15,24 @@ Wire format of a blob (little endian)::
 
     header  "FCKS" | u16 format | u16 flags (0) | u32 chunks | u32 slots | u64 values
     format 2 (packed, the default)
-            4 x u64 parms_id | f64 scale | u8 SEAL major, minor | u8 primes | u8 polys (2)
-            | u32 seeds (0) | per data prime q_l: chunks x polys x N residues packed into
+            4 x u64 parms_id | f64 scale | u8 SEAL major, minor | u8 primes | u8 polys
+            | u32 seeds | per data prime q_l: chunks x polys x N residues packed into
             64-bit words' spare bits (policies.bitpack: 16 residues in 15 words at 60 bits)
+            | seeds x 32-byte seeds
     format 1 (fallback) per chunk: u32 pad | u32 length | pad zero bytes | TenSEAL bytes
 
-Format 2 carries the residues of each ciphertext and nothing else per chunk: 30 bytes a
-parameter for N=4096, [60, 49] (2 polys x 7.5 bytes per slot), against TenSEAL's 32 plus
-framing. A silo rebuilds SEAL's serialisation from it (policies.seal_format) for TenSEAL to
-load and decrypt; encrypt_vector checks on every blob that this rebuild gives TenSEAL's
-own bytes back and otherwise sends format 1 (TenSEAL's serialisations, framed). The
+Format 2 carries residues and nothing else per chunk. Seeded (polys 1, the default), a
+silo sends c0 and one seed from which anyone regenerates c1 (policies.seeds): 15 bytes a
+parameter for N=4096, [60, 49] (one poly x 7.5 bytes per slot); unseeded (polys 2, no
+seeds) 30, against TenSEAL's 32 plus framing. A silo rebuilds SEAL's serialisation from
+it (policies.seal_format), expanding and adding the seeds to get c1, for TenSEAL to load
+and decrypt; encrypt_vector checks on every blob that this rebuild gives TenSEAL's own
+bytes back and otherwise sends format 1 (TenSEAL's serialisations, framed). The
 coordinator adds format-2 blobs as residues with numpy ("numpy-residue") in their packed
-form, a block at a time, and writes the sum in format 2 again; TenSEAL stays the reference and the path
-for format 1, and both give byte-identical sums. It should call `sum_encrypted_uint8` on
-the uint8 arrays Flower delivers: it copies nothing into `bytes` on the way in or out.
+form, a block at a time, lists the seeds, and writes the sum in format 2 again: it never
+expands a seed and needs no key. TenSEAL stays the reference and the path for format 1,
+and both give byte-identical sums. It should call `sum_encrypted_uint8` on the uint8
+arrays Flower delivers: it copies nothing into `bytes` on the way in or out.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from policies import bitpack
 from policies.errors import PolicyError
 from policies.seal_format import VectorMeta, build_vector, parse_vector
+from policies.seeds import SEED_BYTES, expand_sum, new_seed, reseed, shoup
 
 # ---------------------------------------------------------------------------- parameters
 
@@ -60,8 +65,8 @@ MAX_PRIME_BITS = 60  # SEAL's limit for one RNS prime
 #: Every silo holds the study's secret key anyway, so public-key encryption buys nothing;
 #: symmetric encryption is ~1.7x faster per ciphertext, adds less noise, makes the sealed
 #: secret context 3x smaller (no public key) and leaves no key with which anyone but a
-#: silo could encrypt. TenSEAL 0.3.18 does not emit seeded ciphertexts, so the wire size
-#: is the same as asymmetric (measured with TenSEAL 0.3.18 while choosing the scheme).
+#: silo could encrypt. It also allows seeded ciphertexts (half the bytes), which TenSEAL
+#: 0.3.18 does not emit: policies.seeds re-randomises its ciphertexts onto a seed.
 ENCRYPTION_TYPE = ts.ENCRYPTION_TYPE.SYMMETRIC
 
 
@@ -318,6 +323,9 @@ def _records(blob: memoryview, head: _Head, what: str) -> list[tuple[int, int]]:
 
 # -- format 2: header | parms_id, scale, SEAL version, primes, polys, seeds | per prime l:
 #    chunks x polys x N residues packed into 64-bit words' spare bits (policies.bitpack)
+#    | seeds x 32-byte seeds. polys = 2: (c0, c1), no seeds. polys = 1: seeded, c0 only,
+#    and c1 = the sum of the seeds' expansions (policies.seeds): one seed for a silo's
+#    update, K for a sum of K updates.
 
 
 @dataclass(frozen=True)
@@ -325,16 +333,18 @@ class _Packed:
     """A format-2 blob's header, checked against the study context, and its layout."""
 
     head: _Head
-    meta: VectorMeta  # of a full chunk; `values` is the slots used by each chunk but the last
+    meta: VectorMeta  # SEAL's view of a full chunk (size 2); `values` is each chunk's but the last
+    polys: int  # polynomials sent: 2, or 1 when seeded
+    seeds: int
     moduli: tuple[int, ...]
     packings: tuple[bitpack.Packing, ...]
-    offsets: tuple[int, ...]  # where each prime's packed residues start
+    offsets: tuple[int, ...]  # where each prime's packed residues start, then the seeds
     length: int  # of the whole blob
 
     @property
     def count(self) -> int:
-        """Residues per prime: chunks x polys x N."""
-        return self.head.chunks * self.meta.size * self.meta.n
+        """Residues sent per prime: chunks x polys x N."""
+        return self.head.chunks * self.polys * self.meta.n
 
     def chunk_meta(self, c: int) -> VectorMeta:
         return replace(self.meta, values=_chunk_lengths(self.head.values, self.head.slots)[c])
@@ -344,21 +354,26 @@ class _Packed:
         start = self.offsets[level]
         return self.packings[level].view(buf[start:start + self.packings[level].nbytes(self.count)], self.count)
 
+    def seed_list(self, buf: np.ndarray | memoryview) -> list[bytes]:
+        start = self.offsets[-1]
+        return [bytes(buf[start + i * SEED_BYTES:start + (i + 1) * SEED_BYTES]) for i in range(self.seeds)]
 
-def _packed_layout(head: _Head, meta: VectorMeta, moduli: Sequence[int]) -> _Packed:
+    def header(self) -> bytes:
+        m = self.meta
+        return (_HEADER.pack(MAGIC, FORMAT_PACKED, 0, self.head.chunks, self.head.slots, self.head.values)
+                + _PACKED.pack(*m.parms_id, m.scale, *m.version, m.levels, self.polys, self.seeds))
+
+
+def _packed_layout(head: _Head, meta: VectorMeta, moduli: Sequence[int], seeds: int) -> _Packed:
     packings = tuple(bitpack.Packing(q.bit_length()) for q in moduli)
-    count = head.chunks * meta.size * meta.n
+    polys = 1 if seeds else 2
+    count = head.chunks * polys * meta.n
     offsets, pos = [], _PACKED_DATA_AT
     for packing in packings:
         offsets.append(pos)
         pos += packing.nbytes(count)
-    return _Packed(head, meta, tuple(moduli), packings, tuple(offsets), pos)
-
-
-def _packed_header(p: _Packed) -> bytes:
-    m = p.meta
-    return (_HEADER.pack(MAGIC, FORMAT_PACKED, 0, p.head.chunks, p.head.slots, p.head.values)
-            + _PACKED.pack(*m.parms_id, m.scale, *m.version, m.levels, m.size, 0))
+    offsets.append(pos)
+    return _Packed(head, meta, polys, seeds, tuple(moduli), packings, tuple(offsets), pos + SEED_BYTES * seeds)
 
 
 def _read_packed(ctx: ts.Context, blob: memoryview, head: _Head, what: str) -> _Packed:
@@ -371,13 +386,13 @@ def _read_packed(ctx: ts.Context, blob: memoryview, head: _Head, what: str) -> _
     moduli = _data_moduli(ctx)
     if tuple(parms_id) != _first_parms_id(ctx) or levels != len(moduli):
         raise PolicyError(f"{what}: encrypted under other CKKS parameters than this study's context")
-    if polys != 2 or seeds != 0:
+    if (polys, bool(seeds)) not in ((2, False), (1, True)):
         raise PolicyError(f"{what}: not a fresh CKKS ciphertext ({polys} polynomials, {seeds} seeds)")
     if scale != float(ctx.global_scale):
         raise PolicyError(f"{what}: scale 2^{math.log2(scale) if scale > 0 else float('nan'):g} is not the study's "
                           f"2^{math.log2(ctx.global_scale):g}")
-    meta = VectorMeta(head.slots, scale, (major, minor), tuple(parms_id), 1, polys, 2 * head.slots, levels, scale, 1)
-    packed = _packed_layout(head, meta, moduli)
+    meta = VectorMeta(head.slots, scale, (major, minor), tuple(parms_id), 1, 2, 2 * head.slots, levels, scale, 1)
+    packed = _packed_layout(head, meta, moduli, seeds)
     if len(blob) != packed.length:
         kind = "truncated" if len(blob) < packed.length else "too long"
         raise PolicyError(f"{what}: {kind}: {len(blob)} bytes, its header implies {packed.length}")
@@ -388,9 +403,20 @@ def _first_parms_id(ctx: ts.Context) -> tuple[int, ...]:
     return tuple(ctx.seal_context().data.first_parms_id())
 
 
-def _pack(ctx: ts.Context, serialised: Sequence[bytes], n_slots: int, values: int) -> bytes:
+class _Fresh:
+    """Seeding for _pack: re-randomise onto a new seed (needs the secret key)."""
+
+
+FRESH_SEED = _Fresh()
+Seeding = Union[None, _Fresh, Sequence[bytes]]  # None: send c1; FRESH_SEED; seeds c1 already sums to
+
+
+def _pack(ctx: ts.Context, serialised: Sequence[bytes], n_slots: int, values: int, seeding: Seeding = None) -> bytes:
     """TenSEAL's serialisations of the chunks of one vector as a format-2 blob.
 
+    `seeding`: None sends (c0, c1); FRESH_SEED re-randomises onto a new seed so only c0
+    travels (policies.seeds; the context must hold the secret key); a list of seeds
+    states that c1 already is their expansions' sum (a sum of seeded blobs), checked.
     Raises ValueError (the caller falls back to format 1) when a serialisation is not in
     the layout this module knows, or rebuilding the first one does not give TenSEAL's own
     bytes back: that check runs on every blob, so a TenSEAL upgrade cannot corrupt updates.
@@ -407,35 +433,74 @@ def _pack(ctx: ts.Context, serialised: Sequence[bytes], n_slots: int, values: in
         raise ValueError("not a fresh ciphertext at the study's first level")
     if ts.ckks_vector_from(ctx, build_vector(parsed[0][0], parsed[0][1])).serialize() != bytes(serialised[0]):
         raise ValueError("rebuilding TenSEAL's serialisation does not round-trip")
-    packed = _packed_layout(head, meta, _data_moduli(ctx))
     residues = np.stack([r for _, r in parsed], axis=2)  # (polys, primes, chunks, N)
+    moduli = _data_moduli(ctx)
+    seeds = [new_seed()] if isinstance(seeding, _Fresh) else list(seeding or [])
+    if seeds:
+        residues = _seeded(ctx, residues, moduli, seeds, fresh=isinstance(seeding, _Fresh))
+    packed = _packed_layout(head, meta, moduli, len(seeds))
     out = np.empty(packed.length, dtype=np.uint8)
-    out[:_PACKED_DATA_AT] = np.frombuffer(_packed_header(packed), dtype=np.uint8)
+    out[:_PACKED_DATA_AT] = np.frombuffer(packed.header(), dtype=np.uint8)
     for level, packing in enumerate(packed.packings):
         packed.words(out, level)[...] = packing.pack(residues[:, level].transpose(1, 0, 2))  # chunk, poly, coeff
+    out[packed.offsets[-1]:] = np.frombuffer(b"".join(seeds), dtype=np.uint8)
     return out.tobytes()
 
 
+def _seeded(ctx: ts.Context, residues: np.ndarray, moduli: list[int], seeds: list[bytes], fresh: bool) -> np.ndarray:
+    """c0 (shape (1, primes, chunks, N)) of the seeded form of (c0, c1) = residues."""
+    chunks, n = residues.shape[2], residues.shape[3]
+    secret = _secret_residues(ctx) if fresh else None
+    c0 = np.empty_like(residues[:1])
+    for level, q in enumerate(moduli):
+        a = expand_sum(seeds, q, level, chunks * n).reshape(chunks, n)
+        if fresh:
+            s = secret[level]
+            c0[0, level] = reseed(residues[0, level], residues[1, level], s, shoup(s, q), a, q)
+        elif not np.array_equal(residues[1, level], a):
+            raise ValueError("c1 is not the sum of the seeds' expansions")
+        else:
+            c0[0, level] = residues[0, level]
+    return c0
+
+
+def _secret_residues(ctx: ts.Context) -> np.ndarray:
+    """The secret key s in NTT form, one row of N residues per data prime (silos only)."""
+    if not has_secret_key(ctx):
+        raise PolicyError("this context holds no secret key: only a silo can make seeded ciphertexts")
+    key = ctx.secret_key().data.data()
+    n, levels = 2 * _context_slots(ctx), len(_data_moduli(ctx))
+    if not key.is_ntt_form() or key.coeff_count() < n * levels:
+        raise ValueError("the secret key is not in the NTT layout seeded ciphertexts need")
+    return np.array([key.data(i) for i in range(n * levels)], dtype=np.uint64).reshape(levels, n)
+
+
 def _residues(view: memoryview, packed: _Packed) -> np.ndarray:
-    """All residues of a format-2 blob, reduced, as (chunks, polys, primes, N) uint64."""
+    """The (c0, c1) residues of a format-2 blob, reduced, as (chunks, 2, primes, N) uint64;
+    a seeded blob's c1 is its seeds' expansions summed."""
     buf = np.frombuffer(view, dtype=np.uint8)
-    m = packed.meta
-    out = np.empty((packed.head.chunks, m.size, m.levels, m.n), dtype=np.uint64)
+    m, chunks = packed.meta, packed.head.chunks
+    out = np.empty((chunks, 2, m.levels, m.n), dtype=np.uint64)
+    seeds = packed.seed_list(buf)
     for level, (packing, q) in enumerate(zip(packed.packings, packed.moduli)):
         flat = np.remainder(packing.unpack(packed.words(buf, level), packed.count), np.uint64(q))
-        out[:, :, level] = flat.reshape(packed.head.chunks, m.size, m.n)
+        out[:, :packed.polys, level] = flat.reshape(chunks, packed.polys, m.n)
+        if seeds:
+            out[:, 1, level] = expand_sum(seeds, q, level, chunks * m.n).reshape(chunks, m.n)
     return out
 
 
 # ---------------------------------------------------------------------------- encrypt / decrypt
 
 
-def encrypt_vector(ctx: ts.Context, vec: np.ndarray, *, params: CkksParams | None = None) -> bytes:
+def encrypt_vector(ctx: ts.Context, vec: np.ndarray, *, params: CkksParams | None = None,
+                   seeded: bool = True) -> bytes:
     """Encrypt a flat float64 vector densely (`slots` values per ciphertext) into one blob.
 
     With `params`, refuse values the sum of `max_silos` silos could overflow (check_bounds);
     without, still refuse values one ciphertext cannot hold, and NaN/inf. The blob is in
-    the packed format 2, or format 1 if TenSEAL's serialisation is not the one we know.
+    the packed format 2, seeded (c0 and a seed: half the bytes) unless `seeded` is False,
+    or format 1 if TenSEAL's serialisation is not the one we know.
     """
     if not has_secret_key(ctx):
         raise PolicyError("this context holds no secret key: only a silo can encrypt an update")
@@ -449,7 +514,7 @@ def encrypt_vector(ctx: ts.Context, vec: np.ndarray, *, params: CkksParams | Non
     n_slots = _context_slots(ctx)
     serialised = [ts.ckks_vector(ctx, flat[i:i + n_slots]).serialize() for i in range(0, flat.size, n_slots)]
     try:
-        return _pack(ctx, serialised, n_slots, flat.size)
+        return _pack(ctx, serialised, n_slots, flat.size, FRESH_SEED if seeded else None)
     except ValueError:  # includes seal_format.Compressed
         return _frame(serialised, n_slots, flat.size)
 
@@ -546,9 +611,14 @@ def _sum(ctx: ts.Context, blobs: Sequence[Blob], method: SumMethod) -> bytes | n
     for i, p in enumerate(packed[1:], start=1):
         if p.meta.version != packed[0].meta.version:
             raise PolicyError(f"contribution [{i}]: SEAL format {p.meta.version} differs from contribution [0]'s")
-    if method == "tenseal":
-        return _pack(ctx, [v.serialize() for v in _sum_tenseal(ctx, views, heads)], heads[0].slots, heads[0].values)
-    return _sum_packed(views, packed)
+        if p.polys != packed[0].polys:
+            raise PolicyError(f"contribution [{i}] is {'' if p.seeds else 'not '}seeded, contribution [0] "
+                              f"{'is' if packed[0].seeds else 'is not'}: seeded and full ciphertexts are not summed together")
+    seeds = [s for p, v in zip(packed, views) for s in p.seed_list(v)]
+    if method == "tenseal":  # the reference: expands the seeds, which the numpy path never does
+        summed = [v.serialize() for v in _sum_tenseal(ctx, views, heads)]
+        return _pack(ctx, summed, heads[0].slots, heads[0].values, seeds or None)
+    return _sum_packed(views, packed, seeds)
 
 
 def _sum_tenseal(ctx: ts.Context, views: list[memoryview], heads: list[_Head]) -> list[ts.CKKSVector]:
@@ -567,18 +637,21 @@ def _sum_tenseal(ctx: ts.Context, views: list[memoryview], heads: list[_Head]) -
     return total
 
 
-def _sum_packed(views: list[memoryview], packed: list[_Packed]) -> np.ndarray:
+def _sum_packed(views: list[memoryview], packed: list[_Packed], seeds: list[bytes]) -> np.ndarray:
     """Add format-2 blobs without TenSEAL: (c0, c1) of a sum are the sums of the (c0, c1)
     modulo each prime, which is all SEAL's add does for same-scale, same-level inputs.
     The residues are added in their packed form (bitpack.Packing.sum_mod) and the sum is
     written in format 2 again; a residue >= q (never written by a silo) is the same
-    ciphertext as its reduction, so it is simply reduced."""
-    layout = packed[0]
+    ciphertext as its reduction, so it is simply reduced. Seeded blobs: their c0 are
+    added and their seeds listed (c1 is the seeds' expansions summed, which the silos do)."""
+    first = packed[0]
+    layout = _packed_layout(first.head, first.meta, first.moduli, len(seeds))
     out = np.empty(layout.length, dtype=np.uint8)
-    out[:_PACKED_DATA_AT] = np.frombuffer(views[0][:_PACKED_DATA_AT], dtype=np.uint8)
+    out[:_PACKED_DATA_AT] = np.frombuffer(layout.header(), dtype=np.uint8)
     bufs = [np.frombuffer(v, dtype=np.uint8) for v in views]
     for level, (packing, q) in enumerate(zip(layout.packings, layout.moduli)):
-        packing.sum_mod([layout.words(b, level) for b in bufs], q, layout.words(out, level))
+        packing.sum_mod([p.words(b, level) for p, b in zip(packed, bufs)], q, layout.words(out, level))
+    out[layout.offsets[-1]:] = np.frombuffer(b"".join(seeds), dtype=np.uint8)
     return out
 
 

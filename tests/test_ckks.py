@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tenseal as ts
 
-from policies import ckks
+from policies import ckks, seeds
 from policies.ckks import CkksParams
 from policies.errors import PolicyError
 from policies.update import pack_update, unpack_sum
@@ -225,6 +225,17 @@ def test_packed_blob_rebuilds_tenseals_own_serialisation(secret_ctx, agg_ctx, pa
     assert np.array_equal(ckks.decrypt_vector(secret_ctx, packed), originals)
 
 
+def _tenseal_sum(ctx: ts.Context, silos: list[list[bytes]]) -> list[ts.CKKSVector]:
+    """TenSEAL's own `+`, chunk by chunk, over the silos' serialised vectors."""
+    totals = []
+    for c in range(len(silos[0])):
+        total = ts.ckks_vector_from(ctx, silos[0][c])
+        for chunks in silos[1:]:
+            total = total + ts.ckks_vector_from(ctx, chunks[c])
+        totals.append(total)
+    return totals
+
+
 def test_numpy_sum_decrypts_like_tenseals_add(secret_ctx, agg_ctx, params):
     """The coordinator's numpy sum of packed blobs against TenSEAL's `+` on the vectors the
     silos encrypted: same ciphertext bytes, same decryption, bit for bit."""
@@ -232,12 +243,7 @@ def test_numpy_sum_decrypts_like_tenseals_add(secret_ctx, agg_ctx, params):
     contributions = _weights(rng, 5, P_LONG)
     tenseal_chunks = [_tenseal_chunks(secret_ctx, c) for c in contributions]
     blobs = [ckks._pack(secret_ctx, chunks, 2048, P_LONG) for chunks in tenseal_chunks]
-    by_tenseal = []
-    for c in range(len(tenseal_chunks[0])):
-        total = ts.ckks_vector_from(secret_ctx, tenseal_chunks[0][c])
-        for chunks in tenseal_chunks[1:]:
-            total = total + ts.ckks_vector_from(secret_ctx, chunks[c])
-        by_tenseal.append(total)
+    by_tenseal = _tenseal_sum(secret_ctx, tenseal_chunks)
     summed = ckks.sum_encrypted(agg_ctx, blobs, method="numpy-residue")
     rebuilt = ckks._tenseal_vectors(agg_ctx, memoryview(summed), ckks._read_head(memoryview(summed), "sum"), "sum")
     assert [v.serialize() for v in rebuilt] == [v.serialize() for v in by_tenseal]
@@ -266,12 +272,117 @@ def test_uint8_transport_round_trip(secret_ctx, agg_ctx, params):
         ckks.uint8_as_blob(np.zeros(3, dtype=np.float32))
 
 
-def test_wire_size_is_30_bytes_per_parameter(secret_ctx, params):
-    """2 polys x 1 data prime x 60 bits per slot = 30 bytes, plus a 72-byte header."""
+def test_wire_size_is_15_bytes_per_parameter_seeded_30_unseeded(secret_ctx, params):
+    """One polynomial x 1 data prime x 60 bits per slot = 15 bytes (seeded), 30 with c1,
+    plus a 72-byte header and a 32-byte seed per contribution."""
     blob = ckks.encrypt_vector(secret_ctx, np.zeros(100 * 2048), params=params)
-    assert len(blob) == 100 * 2048 * 30 + 72
-    summed = ckks.sum_encrypted(ckks.load_context(ckks.aggregator_context_bytes(secret_ctx)), [blob, blob])
-    assert len(summed) == len(blob)  # the aggregate travels back in the same format
+    assert len(blob) == 100 * 2048 * 15 + 72 + 32
+    full = ckks.encrypt_vector(secret_ctx, np.zeros(100 * 2048), params=params, seeded=False)
+    assert len(full) == 100 * 2048 * 30 + 72
+    agg = ckks.load_context(ckks.aggregator_context_bytes(secret_ctx))
+    assert len(ckks.sum_encrypted(agg, [blob] * 3)) == len(blob) + 2 * 32  # c0 sum and three seeds
+    assert len(ckks.sum_encrypted(agg, [full] * 3)) == len(full)
+
+
+# ---------------------------------------------------------------------------- seeded ciphertexts
+# The silo re-randomises onto a public seed and sends c0 only; the coordinator adds c0 and
+# lists seeds without the secret key or any expansion; a silo expands the seeds and
+# decrypts exactly what TenSEAL would have.
+
+
+def _seeded(ctx: ts.Context, chunks: list[bytes], values: int) -> bytes:
+    return ckks._pack(ctx, chunks, 2048, values, ckks.FRESH_SEED)
+
+
+def _header(blob: bytes) -> tuple[int, int]:
+    """(polys, seeds) of a format-2 blob."""
+    return struct.unpack_from("<BI", blob, 67)
+
+
+def test_seeded_blob_decrypts_bit_for_bit_like_tenseals_ciphertext(secret_ctx):
+    """Re-randomising keeps m + e: TenSEAL decrypts the rebuilt (c0', a') to exactly the
+    floats it decrypts the original (c0, c1) to."""
+    values = np.random.default_rng(1).normal(0, 1, P_LONG)
+    chunks = _tenseal_chunks(secret_ctx, values)
+    blob = _seeded(secret_ctx, chunks, P_LONG)
+    assert _header(blob) == (1, 1)
+    originals = np.concatenate([ts.ckks_vector_from(secret_ctx, c).decrypt() for c in chunks])
+    assert np.array_equal(ckks.decrypt_vector(secret_ctx, blob), originals)
+    np.testing.assert_allclose(originals, values, atol=1e-6)
+
+
+def test_seeded_c1_is_the_seed_expansion_and_every_blob_has_a_fresh_seed(secret_ctx, agg_ctx, params):
+    values = np.linspace(-1, 1, P_LONG)
+    one, two = (ckks.encrypt_vector(secret_ctx, values, params=params) for _ in range(2))
+    seed_one, seed_two = one[-32:], two[-32:]
+    assert seed_one != seed_two
+    view = memoryview(one)
+    packed = ckks._read_packed(agg_ctx, view, ckks._read_head(view, "blob"), "blob")
+    residues = ckks._residues(view, packed)  # (chunks, 2, primes, N)
+    q = ckks._data_moduli(agg_ctx)[0]
+    assert np.array_equal(residues[:, 1, 0].reshape(-1), seeds.expand(seed_one, q, 0, 3 * 4096))
+
+
+@pytest.mark.parametrize("k", [3, 16, 17])
+def test_seeded_sum_decrypts_like_tenseals_add(secret_ctx, agg_ctx, k):
+    """K silos' seeded blobs summed by the coordinator's numpy path decrypt bit for bit like
+    TenSEAL's `+` over the silos' original ciphertexts; the TenSEAL reference sum of the
+    seeded blobs is the same bytes; the sum lists every contributor's seed."""
+    rng = np.random.default_rng(k)
+    contributions = [rng.uniform(0.05, 1) * rng.normal(0, 0.8, P_LONG) for _ in range(k)]
+    chunks = [_tenseal_chunks(secret_ctx, c) for c in contributions]
+    blobs = [_seeded(secret_ctx, c, P_LONG) for c in chunks]
+    summed = ckks.sum_encrypted(agg_ctx, blobs, method="numpy-residue")
+    assert _header(summed) == (1, k)
+    assert summed[-32 * k:] == b"".join(b[-32:] for b in blobs)
+    by_tenseal = _tenseal_sum(secret_ctx, chunks)
+    assert np.array_equal(ckks.decrypt_vector(secret_ctx, summed), np.concatenate([v.decrypt() for v in by_tenseal]))
+    if k == 3:
+        assert ckks.sum_encrypted(agg_ctx, blobs, method="tenseal") == summed
+
+
+def test_the_coordinator_path_holds_no_secret_key_and_expands_nothing(secret_ctx, agg_ctx, params, monkeypatch):
+    blobs = [ckks.encrypt_vector(secret_ctx, np.full(P_LONG, float(i)), params=params) for i in range(3)]
+    assert not ckks.has_secret_key(agg_ctx)
+    with pytest.raises(PolicyError, match="only a silo can make seeded ciphertexts"):
+        ckks._secret_residues(agg_ctx)
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the coordinator expanded a seed")
+
+    monkeypatch.setattr(seeds, "expand", refuse)
+    monkeypatch.setattr(ckks, "expand_sum", refuse)
+    summed = ckks.sum_encrypted_uint8(agg_ctx, [ckks.blob_as_uint8(b) for b in blobs])
+    monkeypatch.undo()
+    np.testing.assert_allclose(ckks.decrypt_vector(secret_ctx, summed), np.full(P_LONG, 3.0), atol=1e-6)
+
+
+def test_seeded_and_full_blobs_are_not_summed_together(secret_ctx, agg_ctx, params):
+    seeded = ckks.encrypt_vector(secret_ctx, np.ones(10), params=params)
+    full = ckks.encrypt_vector(secret_ctx, np.ones(10), params=params, seeded=False)
+    for method in ("numpy-residue", "tenseal"):
+        with pytest.raises(PolicyError, match=r"contribution \[1\] is not seeded, contribution \[0\] is"):
+            ckks.sum_encrypted(agg_ctx, [seeded, full], method=method)
+
+
+def test_seed_headers_that_do_not_add_up_are_refused(secret_ctx, agg_ctx, params):
+    good = ckks.encrypt_vector(secret_ctx, np.ones(10), params=params)
+    no_seed = good[:68] + struct.pack("<I", 0) + good[72:]
+    extra_seed = good[:68] + struct.pack("<I", 2) + good[72:]
+    with pytest.raises(PolicyError, match=r"contribution \[1\]: not a fresh CKKS ciphertext \(1 polynomials, 0 seeds\)"):
+        ckks.sum_encrypted(agg_ctx, [good, no_seed])
+    with pytest.raises(PolicyError, match=r"contribution \[1\]: truncated"):
+        ckks.sum_encrypted(agg_ctx, [good, extra_seed])
+    with pytest.raises(PolicyError, match=r"contribution \[1\]: truncated"):
+        ckks.sum_encrypted(agg_ctx, [good, good[:-1]])
+
+
+def test_a_wrong_seed_decrypts_to_noise_not_to_the_message(secret_ctx, params):
+    """The seed is part of the ciphertext: with another one, c0' + a*s is garbage."""
+    values = np.linspace(-1, 1, 100)
+    blob = ckks.encrypt_vector(secret_ctx, values, params=params)
+    other = blob[:-32] + bytes(32)
+    assert np.max(np.abs(ckks.decrypt_vector(secret_ctx, other) - values)) > 1.0
 
 
 # ---------------------------------------------------------------------------- malformed input
@@ -283,7 +394,7 @@ def test_mismatched_and_malformed_blobs_are_refused(secret_ctx, agg_ctx, params,
     shorter = ckks.encrypt_vector(secret_ctx, np.ones(P_LONG - 1), params=params)
     with pytest.raises(PolicyError, match=r"contribution \[1\] holds 4999 values"):
         ckks.sum_encrypted(agg_ctx, [a, shorter], method=method)
-    with pytest.raises(PolicyError, match=r"contribution \[1\]: truncated: 184292 bytes, its header implies 184392"):
+    with pytest.raises(PolicyError, match=r"contribution \[1\]: truncated: 92164 bytes, its header implies 92264"):
         ckks.sum_encrypted(agg_ctx, [a, a[:-100]], method=method)
     with pytest.raises(PolicyError, match=r"contribution \[1\]: too long"):
         ckks.sum_encrypted(agg_ctx, [a, a + b"\0" * 8], method=method)
