@@ -347,7 +347,7 @@ class _Packed:
         return self.head.chunks * self.polys * self.meta.n
 
     def chunk_meta(self, c: int) -> VectorMeta:
-        return replace(self.meta, values=_chunk_lengths(self.head.values, self.head.slots)[c])
+        return replace(self.meta, values=min(self.head.slots, self.head.values - c * self.head.slots))
 
     def words(self, buf: np.ndarray, level: int) -> np.ndarray:
         """Prime `level`'s packed residues in the uint8 blob `buf`, as (G, cols) words (a view)."""
@@ -403,6 +403,9 @@ def _first_parms_id(ctx: ts.Context) -> tuple[int, ...]:
     return tuple(ctx.seal_context().data.first_parms_id())
 
 
+_RESEED_ROWS = 16  # ciphertexts re-randomised per numpy pass
+
+
 class _Fresh:
     """Seeding for _pack: re-randomise onto a new seed (needs the secret key)."""
 
@@ -455,8 +458,10 @@ def _seeded(ctx: ts.Context, residues: np.ndarray, moduli: list[int], seeds: lis
     for level, q in enumerate(moduli):
         a = expand_sum(seeds, q, level, chunks * n).reshape(chunks, n)
         if fresh:
-            s = secret[level]
-            c0[0, level] = reseed(residues[0, level], residues[1, level], s, shoup(s, q), a, q)
+            s, s_shoup = secret[level], shoup(secret[level], q)
+            for r in range(0, chunks, _RESEED_ROWS):  # in blocks, so the temporaries stay in cache
+                rows = slice(r, r + _RESEED_ROWS)
+                c0[0, level, rows] = reseed(residues[0, level, rows], residues[1, level, rows], s, s_shoup, a[rows], q)
         elif not np.array_equal(residues[1, level], a):
             raise ValueError("c1 is not the sum of the seeds' expansions")
         else:

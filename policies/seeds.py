@@ -43,36 +43,51 @@ def expand(seed: bytes, q: int, level: int, count: int) -> np.ndarray:
     """`count` residues uniform below q, determined by (seed, level)."""
     if len(seed) != SEED_BYTES:
         raise ValueError(f"a seed has {SEED_BYTES} bytes, got {len(seed)}")
-    mask = np.uint64((1 << q.bit_length()) - 1)
-    words = count + count // 8 + 64  # enough for q near 2^width; grows below if not
+    mask, modulus = np.uint64((1 << q.bit_length()) - 1), np.uint64(q)
+    words = count + 64  # enough at once when q is near 2^width (60-bit primes reject 1 word in 2^46)
     while True:
         stream = Cipher(algorithms.AES(seed), modes.CTR(level.to_bytes(8, "big") + bytes(8))).encryptor()
-        raw = np.frombuffer(stream.update(bytes(8 * words)), dtype="<u8") & mask
-        accepted = raw[raw < np.uint64(q)]
+        raw = np.empty(8 * words + 16, dtype=np.uint8)
+        stream.update_into(bytes(8 * words), raw)
+        values = raw[:8 * words].view("<u8")
+        np.bitwise_and(values, mask, out=values)
+        if values[:count].max(initial=0) < modulus:  # nothing rejected among the first `count`
+            return values[:count]
+        accepted = values[values < modulus]
         if accepted.size >= count:  # the first `count` accepted: a longer stream has the same prefix
             return accepted[:count]
         words *= 2
 
 
 def expand_sum(seeds: list[bytes], q: int, level: int, count: int) -> np.ndarray:
-    """sum of expand(seed) over the seeds, modulo q: the c1 of a sum of seeded ciphertexts."""
+    """sum of expand(seed) over the seeds, modulo q: the c1 of a sum of seeded ciphertexts.
+    Added exactly in uint64 and reduced once every `exact` terms."""
     total = np.zeros(count, dtype=np.uint64)
-    for seed in seeds:
-        add_mod(total, expand(seed, q, level, count), q)
+    exact = ((1 << 64) - 1) // (q - 1)  # terms below q that sum without overflow (16 for 60 bits)
+    for i, seed in enumerate(seeds):
+        if i and i % exact == 0:
+            np.remainder(total, np.uint64(q), out=total)
+        np.add(total, expand(seed, q, level, count), out=total)
+    np.remainder(total, np.uint64(q), out=total)
     return total
 
 
 def add_mod(acc: np.ndarray, x: np.ndarray, q: int) -> None:
     """acc = (acc + x) mod q in place, for acc, x < q < 2^63."""
     np.add(acc, x, out=acc)
-    np.subtract(acc, np.uint64(q), out=acc, where=acc >= np.uint64(q))
+    _reduce_once(acc, q)
 
 
 def sub_mod(a: np.ndarray, b: np.ndarray, q: int) -> np.ndarray:
-    """(a - b) mod q for a, b < q."""
-    out = a - b  # wraps where b > a
-    np.add(out, np.uint64(q), out=out, where=a < b)
+    """(a - b) mod q for a, b < q: where b > a, a - b wraps above a - b + q."""
+    out = a - b
+    np.minimum(out, out + np.uint64(q), out=out)
     return out
+
+
+def _reduce_once(x: np.ndarray, q: int) -> None:
+    """x = x mod q in place for x < 2q: x - q wraps above x where x < q, so take the smaller."""
+    np.minimum(x, x - np.uint64(q), out=x)
 
 
 def shoup(b: np.ndarray, q: int) -> np.ndarray:
@@ -87,7 +102,7 @@ def mulmod(a: np.ndarray, b: np.ndarray, b_shoup: np.ndarray, q: int) -> np.ndar
         raise ValueError(f"mulmod needs q < 2^63, got a {q.bit_length()}-bit modulus")
     a = np.asarray(a, dtype=np.uint64)
     out = a * b - _mulhi(a, b_shoup) * np.uint64(q)  # wraps to the remainder, or it plus q
-    np.subtract(out, np.uint64(q), out=out, where=out >= np.uint64(q))
+    _reduce_once(out, q)
     return out
 
 
