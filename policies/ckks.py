@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import struct
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, Union
@@ -453,12 +454,12 @@ def _pack(ctx: ts.Context, serialised: Sequence[bytes], n_slots: int, values: in
 def _seeded(ctx: ts.Context, residues: np.ndarray, moduli: list[int], seeds: list[bytes], fresh: bool) -> np.ndarray:
     """c0 (shape (1, primes, chunks, N)) of the seeded form of (c0, c1) = residues."""
     chunks, n = residues.shape[2], residues.shape[3]
-    secret = _secret_residues(ctx) if fresh else None
+    secret = _secret_multipliers(ctx) if fresh else None
     c0 = np.empty_like(residues[:1])
     for level, q in enumerate(moduli):
         a = expand_sum(seeds, q, level, chunks * n).reshape(chunks, n)
         if fresh:
-            s, s_shoup = secret[level], shoup(secret[level], q)
+            s, s_shoup = secret[level]
             for r in range(0, chunks, _RESEED_ROWS):  # in blocks, so the temporaries stay in cache
                 rows = slice(r, r + _RESEED_ROWS)
                 c0[0, level, rows] = reseed(residues[0, level, rows], residues[1, level, rows], s, s_shoup, a[rows], q)
@@ -467,6 +468,18 @@ def _seeded(ctx: ts.Context, residues: np.ndarray, moduli: list[int], seeds: lis
         else:
             c0[0, level] = residues[0, level]
     return c0
+
+
+_MULTIPLIERS: "weakref.WeakKeyDictionary[ts.Context, list[tuple[np.ndarray, np.ndarray]]]" = weakref.WeakKeyDictionary()
+
+
+def _secret_multipliers(ctx: ts.Context) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(s, shoup(s)) per data prime, kept in memory for as long as the context lives:
+    reading the key costs N pybind calls, far more than re-randomising a small update."""
+    if ctx not in _MULTIPLIERS:
+        secret = _secret_residues(ctx)
+        _MULTIPLIERS[ctx] = [(secret[level], shoup(secret[level], q)) for level, q in enumerate(_data_moduli(ctx))]
+    return _MULTIPLIERS[ctx]
 
 
 def _secret_residues(ctx: ts.Context) -> np.ndarray:
