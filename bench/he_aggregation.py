@@ -6,10 +6,13 @@ run on the same updates (silo k: weights w_k ~ N(0, 0.5), n_k training rows):
   plaintext         the floor: each silo sends `[a_k * w_k, a_k, 1]` as float32 bytes, the
                     coordinator sums them with numpy (4 bytes/param).
   fedcohort         the project's path exactly (policies.ckks): each silo encrypts
-                    `pack_update(w_k, a_k)` with `encrypt_vector` and sends it as uint8
+                    `pack_update(w_k, a_k)` with `encrypt_vector` (wire format 2, seeded: c0
+                    packed at 60 bits per residue plus one 32-byte seed) and sends it as uint8
                     (`blob_as_uint8`); the coordinator calls `sum_encrypted_uint8` with the
-                    keyless aggregator context loaded once; a silo decrypts the sum with the
-                    study's secret context (`decrypt_vector`) and takes `unpack_sum(...).mean`.
+                    keyless aggregator context loaded once (adds the packed c0, lists the K
+                    seeds); a silo decrypts the sum with the study's secret context
+                    (`decrypt_vector`: expands the K seeds into c1, rebuilds TenSEAL's
+                    ciphertexts) and takes `unpack_sum(...).mean`.
   nvflare-defaults  NVIDIA FLARE's HE path reproduced with the same TenSEAL calls (HEBuilder,
                     HEModelEncryptor, the CKKSVector FOBS decomposer, the in-time weighted
                     aggregator, HEModelDecryptor): CKKS N=8192, coeff [60, 40, 40], scale 2^40,
@@ -152,7 +155,7 @@ class Fedcohort(Scheme):
         """Which path "auto" took: numpy-residue if a strict numpy-residue sum gives the same bytes."""
         try:
             strict = ckks.sum_encrypted_uint8(self.agg, [ckks.blob_as_uint8(b) for b in received], method="numpy-residue")
-        except Exception:  # noqa: BLE001  (strict mode refuses compressed chunks)
+        except Exception:  # noqa: BLE001  (strict mode refuses format-1 blobs)
             return "tenseal"
         return "numpy-residue" if np.array_equal(strict, aggregate) else "tenseal"
 
@@ -456,9 +459,14 @@ def main() -> int:
             "plaintext": "pack_update(w_k, n_k/1000) -> float32 bytes; coordinator: np.frombuffer, += K times, "
                          ".tobytes(); silo: unpack_sum(...).mean",
             "fedcohort": {**fedcohort.params.model_dump(), "encryption_type": "symmetric", "slots": ckks.slots(fedcohort.params),
-                          "layout": "[a_k * w, a_k, 1], a_k = n_k/1000 (P + 2 values, one framed blob)",
+                          "layout": "[a_k * w, a_k, 1], a_k = n_k/1000 (P + 2 values, one blob)",
+                          "wire": "format 2 seeded: 72-byte header, c0 of each ciphertext packed at 60 bits a residue "
+                                  "(16 residues in 15 uint64 words), one 32-byte seed per contribution (K in a sum)",
                           "coordinator": "sum_encrypted_uint8(aggregator_ctx, uint8 views of the K byte strings), "
-                                         "method auto; aggregator context (no keys) loaded once per study",
+                                         "method auto (numpy on the packed words; expands no seed); aggregator "
+                                         "context (no keys) loaded once per study",
+                          "silo_decrypt": "decrypt_vector: unpack c0, expand and add the K seeds into c1, rebuild "
+                                          "TenSEAL's serialisation, ts.ckks_vector_from + decrypt",
                           "aggregator_context_bytes": len(fedcohort.aggregator_context_bytes),
                           "aggregator_context_load_ms": fedcohort.context_load_ms},
             "nvflare-defaults": {**NVFLARE, "encryption_type": "symmetric, one key shared by all clients",

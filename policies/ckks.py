@@ -13,23 +13,33 @@ holds no secret key. Both sides import this module, so the rules live here once:
 
 Wire format of a blob (little endian)::
 
-    header  "FCKS" | u16 format version | u16 flags (0) | u32 chunks | u32 slots | u64 values
-    chunk   u32 pad | u32 length | pad zero bytes | TenSEAL CKKSVector serialization
+    header  "FCKS" | u16 format | u16 flags (0) | u32 chunks | u32 slots | u64 values
+    format 2 (packed, the default)
+            4 x u64 parms_id | f64 scale | u8 SEAL major, minor | u8 primes | u8 polys
+            | u32 seeds | per data prime q_l: chunks x polys x N residues packed into
+            64-bit words' spare bits (policies.bitpack: 16 residues in 15 words at 60 bits)
+            | seeds x 32-byte seeds
+    format 1 (fallback) per chunk: u32 pad | u32 length | pad zero bytes | TenSEAL bytes
 
-Each chunk is what `tenseal.ckks_vector_from` loads. Where possible it is rewritten with
-SEAL compression "none" (TenSEAL writes zstd frames that, for the default parameters,
-only hold stored blocks) and padded so its residues start 8-byte aligned. That lets the
-coordinator add ciphertexts as uint64 residues with numpy ("numpy-residue") instead of
-deserialising every ciphertext through TenSEAL; both paths give byte-identical sums, and
-the TenSEAL one stays the reference. The coordinator should call `sum_encrypted_uint8` on
-the uint8 arrays Flower delivers: it copies nothing into `bytes` on the way in or out.
+Format 2 carries residues and nothing else per chunk. Seeded (polys 1, the default), a
+silo sends c0 and one seed from which anyone regenerates c1 (policies.seeds): 15 bytes a
+parameter for N=4096, [60, 49] (one poly x 7.5 bytes per slot); unseeded (polys 2, no
+seeds) 30, against TenSEAL's 32 plus framing. A silo rebuilds SEAL's serialisation from
+it (policies.seal_format), expanding and adding the seeds to get c1, for TenSEAL to load
+and decrypt; encrypt_vector checks on every blob that this rebuild gives TenSEAL's own
+bytes back and otherwise sends format 1 (TenSEAL's serialisations, framed). The
+coordinator adds format-2 blobs as residues with numpy ("numpy-residue") in their packed
+form, a block at a time, lists the seeds, and writes the sum in format 2 again: it never
+expands a seed and needs no key. TenSEAL stays the reference and the path for format 1,
+and both give byte-identical sums. It should call `sum_encrypted_uint8` on the uint8
+arrays Flower delivers: it copies nothing into `bytes` on the way in or out.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import struct
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, Union
@@ -39,7 +49,10 @@ import tenseal as ts
 import tenseal.sealapi  # noqa: F401  registers seal::Modulus so context moduli can be read
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from policies import bitpack
 from policies.errors import PolicyError
+from policies.seal_format import VectorMeta, build_vector, parse_vector
+from policies.seeds import SEED_BYTES, expand_sum, new_seed, reseed, shoup
 
 # ---------------------------------------------------------------------------- parameters
 
@@ -53,8 +66,8 @@ MAX_PRIME_BITS = 60  # SEAL's limit for one RNS prime
 #: Every silo holds the study's secret key anyway, so public-key encryption buys nothing;
 #: symmetric encryption is ~1.7x faster per ciphertext, adds less noise, makes the sealed
 #: secret context 3x smaller (no public key) and leaves no key with which anyone but a
-#: silo could encrypt. TenSEAL 0.3.18 does not emit seeded ciphertexts, so the wire size
-#: is the same as asymmetric (measured with TenSEAL 0.3.18 while choosing the scheme).
+#: silo could encrypt. It also allows seeded ciphertexts (half the bytes), which TenSEAL
+#: 0.3.18 does not emit: policies.seeds re-randomises its ciphertexts onto a seed.
 ENCRYPTION_TYPE = ts.ENCRYPTION_TYPE.SYMMETRIC
 
 
@@ -239,72 +252,17 @@ def _context_headroom(ctx: ts.Context) -> float:
 # ---------------------------------------------------------------------------- wire format
 
 MAGIC = b"FCKS"
-FORMAT_VERSION = 1
-_HEADER = struct.Struct("<4sHHIIQ")
-_RECORD = struct.Struct("<II")
-_SEAL_HEADER = struct.Struct("<HBBBBHQ")  # magic, header size, major, minor, compr mode, reserved, size
-_SEAL_MAGIC = 0xA15E
-_CT_HEAD = struct.Struct("<4QB")  # parms_id, is_ntt_form
-_CT_DIMS = struct.Struct("<QQQdQ")  # size, N, coeff_modulus_size, scale, correction_factor
-_U64 = struct.Struct("<Q")
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-
-
-@dataclass(frozen=True)
-class _Frame:
-    slots: int
-    values: int
-    records: tuple[tuple[int, int], ...]  # (offset, length) of each chunk in the blob
+FORMAT_TENSEAL = 1  # framed TenSEAL serialisations: the fallback, summed through TenSEAL
+FORMAT_PACKED = 2  # bit-packed residues: the default, summed with numpy
+FORMAT_VERSION = FORMAT_PACKED
+_HEADER = struct.Struct("<4sHHIIQ")  # magic, format, flags, chunks, slots, values
+_PACKED = struct.Struct("<4QdBBBBI")  # parms_id, scale, SEAL major, minor, primes, polys, seeds
+_RECORD = struct.Struct("<II")  # format 1: pad, length of each chunk
+_PACKED_DATA_AT = _HEADER.size + _PACKED.size
 
 
 def _chunk_lengths(values: int, n_slots: int) -> list[int]:
     return [min(n_slots, values - i) for i in range(0, values, n_slots)]
-
-
-def _place(chunks: Sequence[tuple[int, int | None]]) -> tuple[list[tuple[int, int]], int]:
-    """(record position, pad) of each chunk given (length, residue offset), and the blob
-    length: pads put known residue offsets on 8-byte boundaries for aligned numpy views."""
-    places, pos = [], _HEADER.size
-    for length, data_offset in chunks:
-        pad = 0 if data_offset is None else -(pos + _RECORD.size + data_offset) % 8
-        places.append((pos, pad))
-        pos += _RECORD.size + pad + length
-    return places, pos
-
-
-def _frame(chunks: Sequence[tuple[bytes, int | None]], n_slots: int, values: int) -> bytes:
-    """Header then length-prefixed, aligned chunks (see the module docstring)."""
-    places, _ = _place([(len(data), at) for data, at in chunks])
-    parts = [_HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(chunks), n_slots, values)]
-    for (data, _), (_, pad) in zip(chunks, places):
-        parts += [_RECORD.pack(pad, len(data)), b"\0" * pad, data]
-    return b"".join(parts)
-
-
-def _read_frame(blob: memoryview, what: str) -> _Frame:
-    """Parse and bounds-check a blob's framing; every error names `what` (which blob)."""
-    if len(blob) < _HEADER.size:
-        raise PolicyError(f"{what}: too short to be an encrypted update ({len(blob)} bytes)")
-    magic, version, flags, n_chunks, n_slots, values = _HEADER.unpack_from(blob, 0)
-    if magic != MAGIC:
-        raise PolicyError(f"{what}: not a fedcohort CKKS blob (bad magic)")
-    if version != FORMAT_VERSION or flags != 0:
-        raise PolicyError(f"{what}: CKKS blob format {version} (flags {flags}) is not supported; expected {FORMAT_VERSION}")
-    if n_slots == 0 or values == 0 or n_chunks != -(-values // n_slots):
-        raise PolicyError(f"{what}: header says {values} values in {n_chunks} chunks of {n_slots} slots, which is inconsistent")
-    records, pos = [], _HEADER.size
-    for i in range(n_chunks):
-        if pos + _RECORD.size > len(blob):
-            raise PolicyError(f"{what}: truncated before chunk {i} of {n_chunks}")
-        pad, length = _RECORD.unpack_from(blob, pos)
-        start = pos + _RECORD.size + pad
-        if pad > 7 or length == 0 or start + length > len(blob):
-            raise PolicyError(f"{what}: chunk {i} of {n_chunks} is truncated or malformed")
-        records.append((start, length))
-        pos = start + length
-    if pos != len(blob):
-        raise PolicyError(f"{what}: {len(blob) - pos} unexpected bytes after the last chunk")
-    return _Frame(n_slots, values, tuple(records))
 
 
 def _as_view(blob: Blob) -> memoryview:
@@ -312,172 +270,255 @@ def _as_view(blob: Blob) -> memoryview:
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
-# -- the TenSEAL / SEAL serialization of one chunk (parsed only to add residues directly)
+@dataclass(frozen=True)
+class _Head:
+    """The common header of both formats."""
+
+    version: int
+    chunks: int
+    slots: int
+    values: int
+
+
+def _read_head(blob: memoryview, what: str) -> _Head:
+    """Magic, format and counts, checked; every error names `what` (which blob)."""
+    if len(blob) < _HEADER.size:
+        raise PolicyError(f"{what}: too short to be an encrypted update ({len(blob)} bytes)")
+    magic, version, flags, n_chunks, n_slots, values = _HEADER.unpack_from(blob, 0)
+    if magic != MAGIC:
+        raise PolicyError(f"{what}: not a fedcohort CKKS blob (bad magic)")
+    if version not in (FORMAT_TENSEAL, FORMAT_PACKED) or flags != 0:
+        raise PolicyError(f"{what}: CKKS blob format {version} (flags {flags}) is not supported; expected "
+                          f"{FORMAT_PACKED} (or {FORMAT_TENSEAL})")
+    if n_slots == 0 or values == 0 or n_chunks != -(-values // n_slots):
+        raise PolicyError(f"{what}: header says {values} values in {n_chunks} chunks of {n_slots} slots, which is inconsistent")
+    return _Head(version, n_chunks, n_slots, values)
+
+
+# -- format 1: header, then per chunk u32 pad | u32 length | pad zero bytes | TenSEAL bytes
+
+
+def _frame(chunks: Sequence[bytes], n_slots: int, values: int) -> bytes:
+    parts = [_HEADER.pack(MAGIC, FORMAT_TENSEAL, 0, len(chunks), n_slots, values)]
+    for data in chunks:
+        parts += [_RECORD.pack(0, len(data)), data]
+    return b"".join(parts)
+
+
+def _records(blob: memoryview, head: _Head, what: str) -> list[tuple[int, int]]:
+    """(offset, length) of each TenSEAL chunk of a format-1 blob, bounds-checked."""
+    records, pos = [], _HEADER.size
+    for i in range(head.chunks):
+        if pos + _RECORD.size > len(blob):
+            raise PolicyError(f"{what}: truncated before chunk {i} of {head.chunks}")
+        pad, length = _RECORD.unpack_from(blob, pos)
+        start = pos + _RECORD.size + pad
+        if pad > 7 or length == 0 or start + length > len(blob):
+            raise PolicyError(f"{what}: chunk {i} of {head.chunks} is truncated or malformed")
+        records.append((start, length))
+        pos = start + length
+    if pos != len(blob):
+        raise PolicyError(f"{what}: {len(blob) - pos} unexpected bytes after the last chunk")
+    return records
+
+
+# -- format 2: header | parms_id, scale, SEAL version, primes, polys, seeds | per prime l:
+#    chunks x polys x N residues packed into 64-bit words' spare bits (policies.bitpack)
+#    | seeds x 32-byte seeds. polys = 2: (c0, c1), no seeds. polys = 1: seeded, c0 only,
+#    and c1 = the sum of the seeds' expansions (policies.seeds): one seed for a silo's
+#    update, K for a sum of K updates.
 
 
 @dataclass(frozen=True)
-class _Cipher:
-    """One chunk as the numpy path sees it: metadata plus where its residues are."""
+class _Packed:
+    """A format-2 blob's header, checked against the study context, and its layout."""
 
-    values: int  # slots used (CKKSVectorProto.sizes)
-    proto_scale: float  # CKKSVectorProto.scale
-    version: tuple[int, int]  # SEAL serialization version
-    parms_id: tuple[int, int, int, int]
-    ntt: int
-    size: int  # polynomials (2 for a fresh ciphertext)
-    n: int
-    levels: int
-    scale: float
-    correction: int
-    data: memoryview  # size * levels * n little-endian uint64 residues
-    data_offset: int | None  # offset of `data` in the chunk if stored uncompressed
+    head: _Head
+    meta: VectorMeta  # SEAL's view of a full chunk (size 2); `values` is each chunk's but the last
+    polys: int  # polynomials sent: 2, or 1 when seeded
+    seeds: int
+    moduli: tuple[int, ...]
+    packings: tuple[bitpack.Packing, ...]
+    offsets: tuple[int, ...]  # where each prime's packed residues start, then the seeds
+    length: int  # of the whole blob
 
+    @property
+    def count(self) -> int:
+        """Residues sent per prime: chunks x polys x N."""
+        return self.head.chunks * self.polys * self.meta.n
 
-class _Compressed(ValueError):
-    """A well-formed chunk whose residues zstd really compressed: TenSEAL must add it."""
+    def chunk_meta(self, c: int) -> VectorMeta:
+        return replace(self.meta, values=min(self.head.slots, self.head.values - c * self.head.slots))
 
+    def words(self, buf: np.ndarray, level: int) -> np.ndarray:
+        """Prime `level`'s packed residues in the uint8 blob `buf`, as (G, cols) words (a view)."""
+        start = self.offsets[level]
+        return self.packings[level].view(buf[start:start + self.packings[level].nbytes(self.count)], self.count)
 
-def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise ValueError("truncated varint")
-        byte = buf[pos]
-        value |= (byte & 0x7F) << shift
-        pos, shift = pos + 1, shift + 7
-        if not byte & 0x80:
-            return value, pos
+    def seed_list(self, buf: np.ndarray | memoryview) -> list[bytes]:
+        start = self.offsets[-1]
+        return [bytes(buf[start + i * SEED_BYTES:start + (i + 1) * SEED_BYTES]) for i in range(self.seeds)]
 
-
-def _put_varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
+    def header(self) -> bytes:
+        m = self.meta
+        return (_HEADER.pack(MAGIC, FORMAT_PACKED, 0, self.head.chunks, self.head.slots, self.head.values)
+                + _PACKED.pack(*m.parms_id, m.scale, *m.version, m.levels, self.polys, self.seeds))
 
 
-def _parse_proto(buf: memoryview) -> tuple[list[int], int, int, float]:
-    """CKKSVectorProto: (sizes, ciphertext offset, ciphertext length, scale); one ciphertext."""
-    sizes: list[int] = []
-    ct: list[tuple[int, int]] = []
-    scale, pos = None, 0
-    while pos < len(buf):
-        tag, pos = _varint(buf, pos)
-        field, wire = tag >> 3, tag & 7
-        if field == 1 and wire == 2:
-            length, pos = _varint(buf, pos)
-            end = pos + length
-            while pos < end:
-                value, pos = _varint(buf, pos)
-                sizes.append(value)
-        elif field == 2 and wire == 2:
-            length, pos = _varint(buf, pos)
-            ct.append((pos, length))
-            pos += length
-        elif field == 3 and wire == 1:
-            scale = struct.unpack_from("<d", buf, pos)[0]
-            pos += 8
+def _packed_layout(head: _Head, meta: VectorMeta, moduli: Sequence[int], seeds: int) -> _Packed:
+    packings = tuple(bitpack.Packing(q.bit_length()) for q in moduli)
+    polys = 1 if seeds else 2
+    count = head.chunks * polys * meta.n
+    offsets, pos = [], _PACKED_DATA_AT
+    for packing in packings:
+        offsets.append(pos)
+        pos += packing.nbytes(count)
+    offsets.append(pos)
+    return _Packed(head, meta, polys, seeds, tuple(moduli), packings, tuple(offsets), pos + SEED_BYTES * seeds)
+
+
+def _read_packed(ctx: ts.Context, blob: memoryview, head: _Head, what: str) -> _Packed:
+    """A format-2 blob's layout, refused unless it is a fresh ciphertext of this study's
+    parameters (parms_id, slots, primes, scale) and exactly as long as that layout."""
+    if len(blob) < _PACKED_DATA_AT:
+        raise PolicyError(f"{what}: truncated inside the header ({len(blob)} bytes)")
+    *parms_id, scale, major, minor, levels, polys, seeds = _PACKED.unpack_from(blob, _HEADER.size)
+    _check_frame_slots(head.slots, _context_slots(ctx), what)
+    moduli = _data_moduli(ctx)
+    if tuple(parms_id) != _first_parms_id(ctx) or levels != len(moduli):
+        raise PolicyError(f"{what}: encrypted under other CKKS parameters than this study's context")
+    if (polys, bool(seeds)) not in ((2, False), (1, True)):
+        raise PolicyError(f"{what}: not a fresh CKKS ciphertext ({polys} polynomials, {seeds} seeds)")
+    if scale != float(ctx.global_scale):
+        raise PolicyError(f"{what}: scale 2^{math.log2(scale) if scale > 0 else float('nan'):g} is not the study's "
+                          f"2^{math.log2(ctx.global_scale):g}")
+    meta = VectorMeta(head.slots, scale, (major, minor), tuple(parms_id), 1, 2, 2 * head.slots, levels, scale, 1)
+    packed = _packed_layout(head, meta, moduli, seeds)
+    if len(blob) != packed.length:
+        kind = "truncated" if len(blob) < packed.length else "too long"
+        raise PolicyError(f"{what}: {kind}: {len(blob)} bytes, its header implies {packed.length}")
+    return packed
+
+
+def _first_parms_id(ctx: ts.Context) -> tuple[int, ...]:
+    return tuple(ctx.seal_context().data.first_parms_id())
+
+
+_RESEED_ROWS = 16  # ciphertexts re-randomised per numpy pass
+
+
+class _Fresh:
+    """Seeding for _pack: re-randomise onto a new seed (needs the secret key)."""
+
+
+FRESH_SEED = _Fresh()
+Seeding = Union[None, _Fresh, Sequence[bytes]]  # None: send c1; FRESH_SEED; seeds c1 already sums to
+
+
+def _pack(ctx: ts.Context, serialised: Sequence[bytes], n_slots: int, values: int, seeding: Seeding = None) -> bytes:
+    """TenSEAL's serialisations of the chunks of one vector as a format-2 blob.
+
+    `seeding`: None sends (c0, c1); FRESH_SEED re-randomises onto a new seed so only c0
+    travels (policies.seeds; the context must hold the secret key); a list of seeds
+    states that c1 already is their expansions' sum (a sum of seeded blobs), checked.
+    Raises ValueError (the caller falls back to format 1) when a serialisation is not in
+    the layout this module knows, or rebuilding the first one does not give TenSEAL's own
+    bytes back: that check runs on every blob, so a TenSEAL upgrade cannot corrupt updates.
+    """
+    head = _Head(FORMAT_PACKED, len(serialised), n_slots, values)
+    parsed = [parse_vector(s) for s in serialised]
+    meta = replace(parsed[0][0], values=n_slots)
+    lengths = _chunk_lengths(values, n_slots)
+    for (m, _), expected in zip(parsed, lengths):
+        if replace(m, values=n_slots) != meta or m.values != expected:
+            raise ValueError("chunks of one vector differ in their ciphertext metadata")
+    if (meta.size, meta.ntt, meta.correction, meta.proto_scale) != (2, 1, 1, meta.scale) \
+            or meta.parms_id != _first_parms_id(ctx) or meta.n != 2 * n_slots:
+        raise ValueError("not a fresh ciphertext at the study's first level")
+    if ts.ckks_vector_from(ctx, build_vector(parsed[0][0], parsed[0][1])).serialize() != bytes(serialised[0]):
+        raise ValueError("rebuilding TenSEAL's serialisation does not round-trip")
+    residues = np.stack([r for _, r in parsed], axis=2)  # (polys, primes, chunks, N)
+    moduli = _data_moduli(ctx)
+    seeds = [new_seed()] if isinstance(seeding, _Fresh) else list(seeding or [])
+    if seeds:
+        residues = _seeded(ctx, residues, moduli, seeds, fresh=isinstance(seeding, _Fresh))
+    packed = _packed_layout(head, meta, moduli, len(seeds))
+    out = np.empty(packed.length, dtype=np.uint8)
+    out[:_PACKED_DATA_AT] = np.frombuffer(packed.header(), dtype=np.uint8)
+    for level, packing in enumerate(packed.packings):
+        packed.words(out, level)[...] = packing.pack(residues[:, level].transpose(1, 0, 2))  # chunk, poly, coeff
+    out[packed.offsets[-1]:] = np.frombuffer(b"".join(seeds), dtype=np.uint8)
+    return out.tobytes()
+
+
+def _seeded(ctx: ts.Context, residues: np.ndarray, moduli: list[int], seeds: list[bytes], fresh: bool) -> np.ndarray:
+    """c0 (shape (1, primes, chunks, N)) of the seeded form of (c0, c1) = residues."""
+    chunks, n = residues.shape[2], residues.shape[3]
+    secret = _secret_multipliers(ctx) if fresh else None
+    c0 = np.empty_like(residues[:1])
+    for level, q in enumerate(moduli):
+        a = expand_sum(seeds, q, level, chunks * n).reshape(chunks, n)
+        if fresh:
+            s, s_shoup = secret[level]
+            for r in range(0, chunks, _RESEED_ROWS):  # in blocks, so the temporaries stay in cache
+                rows = slice(r, r + _RESEED_ROWS)
+                c0[0, level, rows] = reseed(residues[0, level, rows], residues[1, level, rows], s, s_shoup, a[rows], q)
+        elif not np.array_equal(residues[1, level], a):
+            raise ValueError("c1 is not the sum of the seeds' expansions")
         else:
-            raise ValueError(f"unexpected protobuf field {field}")
-    if pos != len(buf) or len(ct) != 1 or len(sizes) != 1 or scale is None:
-        raise ValueError("not a one-ciphertext CKKS vector")
-    return sizes, ct[0][0], ct[0][1], scale
+            c0[0, level] = residues[0, level]
+    return c0
 
 
-def _zstd_stored_payload(buf: memoryview) -> bytes:
-    """Content of a zstd frame made only of raw/RLE blocks (what zstd emits for random
-    residues); anything really compressed is refused (no zstd decoder is assumed)."""
-    if bytes(buf[:4]) != _ZSTD_MAGIC:
-        raise ValueError("not a zstd frame")
-    fhd = buf[4]
-    single, checksum, dict_flag, fcs_flag = fhd >> 5 & 1, fhd >> 2 & 1, fhd & 3, fhd >> 6
-    pos = 5 + (0 if single else 1) + (0, 1, 2, 4)[dict_flag]
-    pos += (1 if single else 0, 2, 4, 8)[fcs_flag]
-    out = bytearray()
-    while True:
-        if pos + 3 > len(buf):
-            raise ValueError("truncated zstd block")
-        head = int.from_bytes(buf[pos:pos + 3], "little")
-        last, kind, size = head & 1, head >> 1 & 3, head >> 3
-        pos += 3
-        if kind == 0:
-            out += buf[pos:pos + size]
-            pos += size
-        elif kind == 1:
-            out += bytes(buf[pos:pos + 1]) * size
-            pos += 1
-        else:
-            raise _Compressed("compressed zstd block")
-        if last:
-            break
-    if pos + 4 * checksum != len(buf):
-        raise ValueError("trailing bytes after zstd frame")
-    return bytes(out)
+_MULTIPLIERS: "weakref.WeakKeyDictionary[ts.Context, list[tuple[np.ndarray, np.ndarray]]]" = weakref.WeakKeyDictionary()
 
 
-def _parse_chunk(chunk: memoryview) -> _Cipher:
-    """Decode a TenSEAL CKKS vector serialization down to its residue array."""
-    sizes, ct_at, ct_len, proto_scale = _parse_proto(chunk)
-    magic, head_size, major, minor, compr, _, total = _SEAL_HEADER.unpack_from(chunk, ct_at)
-    if magic != _SEAL_MAGIC or head_size != _SEAL_HEADER.size or total != ct_len:
-        raise ValueError("not a SEAL ciphertext")
-    body_at = ct_at + _SEAL_HEADER.size
-    if compr == 0:
-        body, base = chunk[body_at:ct_at + ct_len], body_at
-    elif compr == 2:
-        body, base = memoryview(_zstd_stored_payload(chunk[body_at:ct_at + ct_len])), None
-    elif compr == 1:
-        raise _Compressed("zlib")
-    else:
-        raise ValueError(f"unknown SEAL compression mode {compr}")
-    *parms_id, ntt = _CT_HEAD.unpack_from(body, 0)
-    size, n, levels, scale, correction = _CT_DIMS.unpack_from(body, _CT_HEAD.size)
-    arr_at = _CT_HEAD.size + _CT_DIMS.size
-    arr_magic, arr_head, _, _, arr_compr, _, arr_total = _SEAL_HEADER.unpack_from(body, arr_at)
-    (count,) = _U64.unpack_from(body, arr_at + _SEAL_HEADER.size)
-    data_at = arr_at + _SEAL_HEADER.size + _U64.size
-    if arr_magic != _SEAL_MAGIC or arr_compr != 0 or count != size * n * levels or data_at + 8 * count != len(body):
-        raise ValueError("unexpected SEAL ciphertext layout")
-    return _Cipher(sizes[0], proto_scale, (major, minor), tuple(parms_id), ntt, size, n, levels, scale,
-                   correction, body[data_at:], None if base is None else base + data_at)
+def _secret_multipliers(ctx: ts.Context) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(s, shoup(s)) per data prime, kept in memory for as long as the context lives:
+    reading the key costs N pybind calls, far more than re-randomising a small update."""
+    if ctx not in _MULTIPLIERS:
+        secret = _secret_residues(ctx)
+        _MULTIPLIERS[ctx] = [(secret[level], shoup(secret[level], q)) for level, q in enumerate(_data_moduli(ctx))]
+    return _MULTIPLIERS[ctx]
 
 
-def _chunk_bytes(c: _Cipher, data_len: int) -> tuple[bytes, bytes, int]:
-    """(prefix, suffix, residue offset) of the uncompressed serialization of `c`; the
-    residues (`data_len` bytes) go between prefix and suffix."""
-    arr = _SEAL_HEADER.pack(_SEAL_MAGIC, _SEAL_HEADER.size, *c.version, 0, 0, _SEAL_HEADER.size + _U64.size + data_len)
-    body_head = (_CT_HEAD.pack(*c.parms_id, c.ntt) + _CT_DIMS.pack(c.size, c.n, c.levels, c.scale, c.correction)
-                 + arr + _U64.pack(data_len // 8))
-    ct_len = _SEAL_HEADER.size + len(body_head) + data_len
-    seal_head = _SEAL_HEADER.pack(_SEAL_MAGIC, _SEAL_HEADER.size, *c.version, 0, 0, ct_len)
-    sizes = _put_varint(c.values)
-    prefix = b"\x0a" + _put_varint(len(sizes)) + sizes + b"\x12" + _put_varint(ct_len) + seal_head + body_head
-    return prefix, b"\x19" + struct.pack("<d", c.proto_scale), len(prefix)
+def _secret_residues(ctx: ts.Context) -> np.ndarray:
+    """The secret key s in NTT form, one row of N residues per data prime (silos only)."""
+    if not has_secret_key(ctx):
+        raise PolicyError("this context holds no secret key: only a silo can make seeded ciphertexts")
+    key = ctx.secret_key().data.data()
+    n, levels = 2 * _context_slots(ctx), len(_data_moduli(ctx))
+    if not key.is_ntt_form() or key.coeff_count() < n * levels:
+        raise ValueError("the secret key is not in the NTT layout seeded ciphertexts need")
+    return np.array([key.data(i) for i in range(n * levels)], dtype=np.uint64).reshape(levels, n)
 
 
-def _normalise_chunk(serialized: bytes) -> tuple[bytes, int | None]:
-    """TenSEAL's serialization rewritten uncompressed (same ciphertext, loads the same),
-    with the residue offset; unchanged with None when it holds really compressed data."""
-    try:
-        c = _parse_chunk(memoryview(serialized))
-    except (ValueError, struct.error):
-        return serialized, None
-    if c.data_offset is not None:
-        return serialized, c.data_offset
-    prefix, suffix, offset = _chunk_bytes(c, len(c.data))
-    return b"".join((prefix, c.data, suffix)), offset
+def _residues(view: memoryview, packed: _Packed) -> np.ndarray:
+    """The (c0, c1) residues of a format-2 blob, reduced, as (chunks, 2, primes, N) uint64;
+    a seeded blob's c1 is its seeds' expansions summed."""
+    buf = np.frombuffer(view, dtype=np.uint8)
+    m, chunks = packed.meta, packed.head.chunks
+    out = np.empty((chunks, 2, m.levels, m.n), dtype=np.uint64)
+    seeds = packed.seed_list(buf)
+    for level, (packing, q) in enumerate(zip(packed.packings, packed.moduli)):
+        flat = np.remainder(packing.unpack(packed.words(buf, level), packed.count), np.uint64(q))
+        out[:, :packed.polys, level] = flat.reshape(chunks, packed.polys, m.n)
+        if seeds:
+            out[:, 1, level] = expand_sum(seeds, q, level, chunks * m.n).reshape(chunks, m.n)
+    return out
 
 
 # ---------------------------------------------------------------------------- encrypt / decrypt
 
 
-def encrypt_vector(ctx: ts.Context, vec: np.ndarray, *, params: CkksParams | None = None) -> bytes:
+def encrypt_vector(ctx: ts.Context, vec: np.ndarray, *, params: CkksParams | None = None,
+                   seeded: bool = True) -> bytes:
     """Encrypt a flat float64 vector densely (`slots` values per ciphertext) into one blob.
 
     With `params`, refuse values the sum of `max_silos` silos could overflow (check_bounds);
-    without, still refuse values one ciphertext cannot hold, and NaN/inf.
+    without, still refuse values one ciphertext cannot hold, and NaN/inf. The blob is in
+    the packed format 2, seeded (c0 and a seed: half the bytes) unless `seeded` is False,
+    or format 1 if TenSEAL's serialisation is not the one we know.
     """
     if not has_secret_key(ctx):
         raise PolicyError("this context holds no secret key: only a silo can encrypt an update")
@@ -489,9 +530,11 @@ def encrypt_vector(ctx: ts.Context, vec: np.ndarray, *, params: CkksParams | Non
     else:
         _check_bound(flat, _context_headroom(ctx) / 2.0, "half of what one CKKS slot can hold")
     n_slots = _context_slots(ctx)
-    chunks = [_normalise_chunk(ts.ckks_vector(ctx, flat[i:i + n_slots]).serialize())
-              for i in range(0, flat.size, n_slots)]
-    return _frame(chunks, n_slots, flat.size)
+    serialised = [ts.ckks_vector(ctx, flat[i:i + n_slots]).serialize() for i in range(0, flat.size, n_slots)]
+    try:
+        return _pack(ctx, serialised, n_slots, flat.size, FRESH_SEED if seeded else None)
+    except ValueError:  # includes seal_format.Compressed
+        return _frame(serialised, n_slots, flat.size)
 
 
 def decrypt_vector(ctx: ts.Context, blob: Blob) -> np.ndarray:
@@ -499,23 +542,38 @@ def decrypt_vector(ctx: ts.Context, blob: Blob) -> np.ndarray:
     if not has_secret_key(ctx):
         raise PolicyError("this context holds no secret key: the coordinator cannot decrypt")
     view = _as_view(blob)
-    frame = _read_frame(view, "encrypted vector")
-    _check_frame_slots(frame, _context_slots(ctx), "encrypted vector")
-    out = np.empty(frame.values, dtype=np.float64)
-    for i, ((start, length), expected) in enumerate(zip(frame.records, _chunk_lengths(frame.values, frame.slots))):
-        vec = _load_tenseal(ctx, view[start:start + length], f"encrypted vector, chunk {i}")
-        if vec.size() != expected:
-            raise PolicyError(f"encrypted vector, chunk {i}: holds {vec.size()} values, expected {expected}")
-        out[i * frame.slots:i * frame.slots + expected] = vec.decrypt()
+    head = _read_head(view, "encrypted vector")
+    _check_frame_slots(head.slots, _context_slots(ctx), "encrypted vector")
+    out = np.empty(head.values, dtype=np.float64)
+    for i, vec in enumerate(_tenseal_vectors(ctx, view, head, "encrypted vector")):
+        out[i * head.slots:i * head.slots + vec.size()] = vec.decrypt()
     return out
 
 
-def _check_frame_slots(frame: _Frame, n_slots: int, what: str) -> None:
-    if frame.slots != n_slots:
-        raise PolicyError(f"{what}: packed {frame.slots} slots per ciphertext; this study's context has {n_slots}")
+def _tenseal_vectors(ctx: ts.Context, view: memoryview, head: _Head, what: str) -> list[ts.CKKSVector]:
+    """The blob's chunks loaded through TenSEAL (SEAL validates each), either format."""
+    expected = _chunk_lengths(head.values, head.slots)
+    if head.version == FORMAT_PACKED:
+        packed = _read_packed(ctx, view, head, what)
+        residues = _residues(view, packed)
+        chunks = [build_vector(packed.chunk_meta(c), residues[c]) for c in range(head.chunks)]
+    else:
+        chunks = [view[start:start + length] for start, length in _records(view, head, what)]
+    vectors = []
+    for c, (chunk, size) in enumerate(zip(chunks, expected)):
+        vec = _load_tenseal(ctx, chunk, f"{what}, chunk {c}")
+        if vec.size() != size:
+            raise PolicyError(f"{what}, chunk {c}: holds {vec.size()} values, expected {size}")
+        vectors.append(vec)
+    return vectors
 
 
-def _load_tenseal(ctx: ts.Context, chunk: memoryview, what: str) -> ts.CKKSVector:
+def _check_frame_slots(n_slots: int, context_slots: int, what: str) -> None:
+    if n_slots != context_slots:
+        raise PolicyError(f"{what}: packed {n_slots} slots per ciphertext; this study's context has {context_slots}")
+
+
+def _load_tenseal(ctx: ts.Context, chunk: bytes | memoryview, what: str) -> ts.CKKSVector:
     try:
         return ts.ckks_vector_from(ctx, bytes(chunk))
     except (ValueError, RuntimeError, TypeError):
@@ -525,17 +583,16 @@ def _load_tenseal(ctx: ts.Context, chunk: memoryview, what: str) -> ts.CKKSVecto
 # ---------------------------------------------------------------------------- sums
 
 SumMethod = Literal["auto", "tenseal", "numpy-residue"]
-_BLOCK_BYTES = 1 << 18  # residues summed per step: the accumulator stays in L2 cache
 
 
 def sum_encrypted(aggregator_ctx: ts.Context, blobs: Sequence[Blob], *, method: SumMethod = "auto") -> bytes:
     """Add encrypted vectors (depth 0, no key needed): the coordinator's whole job.
 
-    Every blob must have the same length and chunking; a malformed or mismatched one is
-    refused with a PolicyError naming its index. `method`: "tenseal" deserialises every
-    ciphertext through TenSEAL (the reference); "numpy-residue" adds the RNS residues as
-    uint64 arrays modulo each prime (byte-identical result, several times faster);
-    "auto" uses numpy-residue when every chunk is stored uncompressed, else TenSEAL.
+    Every blob must pack the same number of values; a malformed or mismatched one is
+    refused with a PolicyError naming its index. `method`: "tenseal" loads every
+    ciphertext through TenSEAL (the reference); "numpy-residue" unpacks the format-2
+    residues and adds them modulo each prime (byte-identical result, many times faster);
+    "auto" uses numpy-residue when every blob is in format 2, else TenSEAL.
     """
     summed = _sum(aggregator_ctx, blobs, method)
     return summed if isinstance(summed, bytes) else summed.tobytes()
@@ -543,8 +600,7 @@ def sum_encrypted(aggregator_ctx: ts.Context, blobs: Sequence[Blob], *, method: 
 
 def sum_encrypted_uint8(aggregator_ctx: ts.Context, blobs: Sequence[Blob], *, method: SumMethod = "auto") -> np.ndarray:
     """sum_encrypted for Flower transport: takes bytes or uint8 arrays (not copied) and
-    returns the sum as a uint8 array, skipping a copy of the whole sum into `bytes`
-    (on this VM a fresh 32 MB bytes object costs about as much as all the additions)."""
+    returns the sum as a uint8 array, skipping a copy of the whole sum into `bytes`."""
     summed = _sum(aggregator_ctx, blobs, method)
     return np.frombuffer(summed, dtype=np.uint8) if isinstance(summed, bytes) else summed
 
@@ -555,255 +611,66 @@ def _sum(ctx: ts.Context, blobs: Sequence[Blob], method: SumMethod) -> bytes | n
     if not blobs:
         raise PolicyError("nothing to sum: no encrypted contributions")
     views = [_as_view(b) for b in blobs]
-    first = _read_frame(views[0], "contribution [0]")
-    _check_frame_slots(first, _context_slots(ctx), "contribution [0]")
-    if method != "tenseal":
-        summed = _sum_residues(ctx, views, first, strict=method == "numpy-residue")
-        if summed is not None:
-            return summed
-    return _sum_tenseal(ctx, views, [_read_like(v, first, i) for i, v in enumerate(views)])
+    heads = [_read_head(v, f"contribution [{i}]") for i, v in enumerate(views)]
+    _check_frame_slots(heads[0].slots, _context_slots(ctx), "contribution [0]")
+    for i, head in enumerate(heads[1:], start=1):
+        if (head.slots, head.values) != (heads[0].slots, heads[0].values):
+            raise PolicyError(
+                f"contribution [{i}] holds {head.values} values in chunks of {head.slots}, contribution [0] "
+                f"{heads[0].values} in chunks of {heads[0].slots}: updates of different models cannot be summed"
+            )
+    old = [i for i, h in enumerate(heads) if h.version != FORMAT_PACKED]
+    if old and method == "numpy-residue":
+        raise PolicyError(f"contribution [{old[0]}] is in format {FORMAT_TENSEAL} (TenSEAL's own serialisation): "
+                          f"numpy-residue needs the packed format {FORMAT_PACKED}")
+    if old:
+        return _frame([v.serialize() for v in _sum_tenseal(ctx, views, heads)], heads[0].slots, heads[0].values)
+    packed = [_read_packed(ctx, v, h, f"contribution [{i}]") for i, (v, h) in enumerate(zip(views, heads))]
+    for i, p in enumerate(packed[1:], start=1):
+        if p.meta.version != packed[0].meta.version:
+            raise PolicyError(f"contribution [{i}]: SEAL format {p.meta.version} differs from contribution [0]'s")
+        if p.polys != packed[0].polys:
+            raise PolicyError(f"contribution [{i}] is {'' if p.seeds else 'not '}seeded, contribution [0] "
+                              f"{'is' if packed[0].seeds else 'is not'}: seeded and full ciphertexts are not summed together")
+    seeds = [s for p, v in zip(packed, views) for s in p.seed_list(v)]
+    if method == "tenseal":  # the reference: expands the seeds, which the numpy path never does
+        summed = [v.serialize() for v in _sum_tenseal(ctx, views, heads)]
+        return _pack(ctx, summed, heads[0].slots, heads[0].values, seeds or None)
+    return _sum_packed(views, packed, seeds)
 
 
-def _read_like(view: memoryview, first: _Frame, i: int) -> _Frame:
-    """Frame of contribution i, refused unless it packs like contribution [0]."""
-    frame = first if i == 0 else _read_frame(view, f"contribution [{i}]")
-    if frame.slots != first.slots or frame.values != first.values:
-        raise PolicyError(
-            f"contribution [{i}] holds {frame.values} values in chunks of {frame.slots}, contribution [0] "
-            f"{first.values} in chunks of {first.slots}: updates of different models cannot be summed"
-        )
-    return frame
-
-
-def _sum_tenseal(ctx: ts.Context, views: list[memoryview], frames: list[_Frame]) -> bytes:
+def _sum_tenseal(ctx: ts.Context, views: list[memoryview], heads: list[_Head]) -> list[ts.CKKSVector]:
     """The reference: load every ciphertext through TenSEAL (SEAL validates it) and add."""
-    chunks = []
-    for c, expected in enumerate(_chunk_lengths(frames[0].values, frames[0].slots)):
-        acc = None
-        for i, (view, frame) in enumerate(zip(views, frames)):
-            start, length = frame.records[c]
-            vec = _load_tenseal(ctx, view[start:start + length], f"contribution [{i}], chunk {c}")
-            if vec.size() != expected:
-                raise PolicyError(f"contribution [{i}], chunk {c}: holds {vec.size()} values, expected {expected}")
-            if acc is None:
-                acc = vec
-                continue
+    total = None
+    for i, (view, head) in enumerate(zip(views, heads)):
+        vectors = _tenseal_vectors(ctx, view, head, f"contribution [{i}]")
+        if total is None:
+            total = vectors
+            continue
+        for c, (acc, vec) in enumerate(zip(total, vectors)):
             try:
                 acc.add_(vec)
             except (ValueError, RuntimeError):
                 raise PolicyError(f"contribution [{i}], chunk {c}: cannot be added (scale or level differs)") from None
-        chunks.append(_normalise_chunk(acc.serialize()))
-    return _frame(chunks, frames[0].slots, frames[0].values)
+    return total
 
 
-# -- numpy-residue: the same sum, as uint64 additions modulo each prime
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """The canonical blob for one chunking and ciphertext metadata (what encrypt_vector and
-    both sums write), as the bytes between residue runs. A blob equal to it outside the
-    residues needs no parsing: one vectorised comparison validates all its chunks."""
-
-    gaps: list[bytes]  # before chunk 0's residues, between each pair, after the last
-    offsets: list[int]  # where each chunk's residues start
-    data_len: int  # bytes of residues per chunk
-    fixed: np.ndarray  # indices of every byte outside the residues
-    expected: np.ndarray  # their values (the gaps concatenated)
-    segments: list[tuple[int, int, int]]  # (first chunk, end chunk, byte stride) of regular runs
-
-    def matches(self, buf: np.ndarray) -> bool:
-        total = self.offsets[-1] + self.data_len + len(self.gaps[-1])
-        return len(buf) == total and np.array_equal(buf[self.fixed], self.expected)
-
-
-def _sum_residues(ctx: ts.Context, views: list[memoryview], first: _Frame, strict: bool) -> np.ndarray | None:
-    """Add ciphertexts as RNS residues: (c0, c1) of a sum are the sums of the (c0, c1)
+def _sum_packed(views: list[memoryview], packed: list[_Packed], seeds: list[bytes]) -> np.ndarray:
+    """Add format-2 blobs without TenSEAL: (c0, c1) of a sum are the sums of the (c0, c1)
     modulo each prime, which is all SEAL's add does for same-scale, same-level inputs.
-    None (or, if strict, an error) when some chunk is not stored uncompressed."""
-    ref = _reference_cipher(ctx, views[0], first, strict)
-    if ref is None:
-        return None
-    layout = _canonical_layout(ref, first)
-    rows = []
-    for i, view in enumerate(views):
-        buf = np.frombuffer(view, dtype=np.uint8)
-        if layout.matches(buf):
-            rows.append(_Rows(buf, layout.offsets, layout.data_len // 8, layout.segments))
-            continue
-        offsets = _residue_offsets(ctx, view, _read_like(view, first, i), ref, i, strict)
-        if offsets is None:
-            return None
-        rows.append(_Rows(buf, offsets, layout.data_len // 8, _segments(offsets, layout.data_len)))
-    out = np.empty(layout.offsets[-1] + layout.data_len + len(layout.gaps[-1]), dtype=np.uint8)
-    out[layout.fixed] = layout.expected
-    _add_mod(rows, _modulus_row(_data_moduli(ctx), ref.n), _Rows(out, layout.offsets, layout.data_len // 8, layout.segments))
+    The residues are added in their packed form (bitpack.Packing.sum_mod) and the sum is
+    written in format 2 again; a residue >= q (never written by a silo) is the same
+    ciphertext as its reduction, so it is simply reduced. Seeded blobs: their c0 are
+    added and their seeds listed (c1 is the seeds' expansions summed, which the silos do)."""
+    first = packed[0]
+    layout = _packed_layout(first.head, first.meta, first.moduli, len(seeds))
+    out = np.empty(layout.length, dtype=np.uint8)
+    out[:_PACKED_DATA_AT] = np.frombuffer(layout.header(), dtype=np.uint8)
+    bufs = [np.frombuffer(v, dtype=np.uint8) for v in views]
+    for level, (packing, q) in enumerate(zip(layout.packings, layout.moduli)):
+        packing.sum_mod([p.words(b, level) for p, b in zip(packed, bufs)], q, layout.words(out, level))
+    out[layout.offsets[-1]:] = np.frombuffer(b"".join(seeds), dtype=np.uint8)
     return out
-
-
-def _reference_cipher(ctx: ts.Context, view: memoryview, frame: _Frame, strict: bool) -> _Cipher | None:
-    """Contribution [0], chunk 0, parsed and checked against the context; the others must
-    carry the same metadata."""
-    start, length = frame.records[0]
-    ref = _parse_or_refuse(view[start:start + length], "contribution [0], chunk 0", strict)
-    if ref is not None:
-        _check_cipher(ctx, ref, ref, min(frame.slots, frame.values), "contribution [0], chunk 0")
-    return ref
-
-
-def _parse_or_refuse(chunk: memoryview, where: str, strict: bool) -> _Cipher | None:
-    try:
-        cipher = _parse_chunk(chunk)
-        if cipher.data_offset is None:  # stored in a zstd frame: residues not in place
-            raise _Compressed("zstd frame")
-        return cipher
-    except _Compressed:
-        if strict:
-            raise PolicyError(f"{where}: stored compressed; numpy-residue needs uncompressed chunks") from None
-        return None
-    except (ValueError, struct.error):
-        raise PolicyError(f"{where}: not a CKKS ciphertext serialization") from None
-
-
-def _check_cipher(ctx: ts.Context, x: _Cipher, ref: _Cipher, expected: int, where: str) -> None:
-    """What SEAL checks on load and add: this study's parameters (parms_id), a fresh
-    2-polynomial NTT-form ciphertext, the scale of the others, the announced slot count."""
-    if x.parms_id != tuple(ctx.seal_context().data.first_parms_id()) or x.n != 2 * _context_slots(ctx) \
-            or x.levels != len(_data_moduli(ctx)):
-        raise PolicyError(f"{where}: encrypted under other CKKS parameters than this study's context")
-    if x.size != 2 or x.ntt != 1 or x.correction != 1:
-        raise PolicyError(f"{where}: not a fresh CKKS ciphertext (size {x.size}); only sums of fresh ones are allowed")
-    if x.scale != ref.scale or x.proto_scale != ref.proto_scale or x.version != ref.version:
-        raise PolicyError(f"{where}: scale or format differs from contribution [0]")
-    if x.values != expected:
-        raise PolicyError(f"{where}: holds {x.values} values, expected {expected}")
-
-
-_META_FIELDS = ("proto_scale", "version", "parms_id", "ntt", "size", "n", "levels", "scale", "correction")
-
-
-def _canonical_layout(ref: _Cipher, frame: _Frame) -> _Layout:
-    """The layout for this chunking and metadata, cached: each round of a study reuses it."""
-    return _layout_for(tuple(getattr(ref, f) for f in _META_FIELDS), frame.slots, frame.values, len(ref.data))
-
-
-@functools.lru_cache(maxsize=8)
-def _layout_for(meta: tuple, n_slots: int, values: int, data_len: int) -> _Layout:
-    ref = _Cipher(0, *meta, data=memoryview(b""), data_offset=None)
-    lengths = _chunk_lengths(values, n_slots)
-    parts = {v: _chunk_bytes(replace(ref, values=v), data_len) for v in set(lengths)}
-    places, _ = _place([(len(parts[v][0]) + data_len + len(parts[v][1]), parts[v][2]) for v in lengths])
-    gaps, offsets, tail = [], [], _HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(lengths), n_slots, values)
-    for v, (pos, pad) in zip(lengths, places):
-        prefix, suffix, _ = parts[v]
-        gaps.append(tail + _RECORD.pack(pad, len(prefix) + data_len + len(suffix)) + b"\0" * pad + prefix)
-        offsets.append(pos + _RECORD.size + pad + len(prefix))
-        tail = suffix
-    gaps.append(tail)
-    starts = [0] + [o + data_len for o in offsets]
-    fixed = np.concatenate([np.arange(a, a + len(g)) for a, g in zip(starts, gaps)])
-    expected = np.frombuffer(b"".join(gaps), dtype=np.uint8)
-    fixed.flags.writeable = False
-    return _Layout(gaps, offsets, data_len, fixed, expected, _segments(offsets, data_len))
-
-
-def _residue_offsets(ctx: ts.Context, view: memoryview, frame: _Frame, ref: _Cipher, i: int,
-                     strict: bool) -> list[int] | None:
-    """Where each chunk's residues start in a blob laid out differently from the canonical
-    one (parsed and checked chunk by chunk)."""
-    offsets = []
-    for c, ((start, length), expected) in enumerate(zip(frame.records, _chunk_lengths(frame.values, frame.slots))):
-        where = f"contribution [{i}], chunk {c}"
-        cipher = _parse_or_refuse(view[start:start + length], where, strict)
-        if cipher is None:
-            return None
-        _check_cipher(ctx, cipher, ref, expected, where)
-        offsets.append(start + cipher.data_offset)
-    return offsets
-
-
-def _segments(offsets: list[int], data_len: int) -> list[tuple[int, int, int]]:
-    """Runs of consecutive chunks whose residues sit at a constant byte stride."""
-    out, first = [], 0
-    for j in range(1, len(offsets) + 1):
-        if j == len(offsets) or (j - first > 1 and offsets[j] - offsets[j - 1] != offsets[first + 1] - offsets[first]):
-            out.append((first, j, offsets[first + 1] - offsets[first] if j - first > 1 else data_len))
-            first = j
-    return out
-
-
-class _Rows:
-    """One blob's residues as (width,) uint64 rows, one per chunk; a block of consecutive
-    chunks inside a regular run is one zero-copy strided view."""
-
-    def __init__(self, buf: np.ndarray, offsets: list[int], width: int, segments: list[tuple[int, int, int]]) -> None:
-        self._buf, self._offsets, self._width = buf, offsets, width
-        self._segments = [(a, b, np.lib.stride_tricks.as_strided(self._row(a), shape=(b - a, width),
-                                                                  strides=(stride, 8), writeable=buf.flags.writeable))
-                          for a, b, stride in segments]
-
-    def _row(self, j: int) -> np.ndarray:
-        o = self._offsets[j]
-        return self._buf[o:o + 8 * self._width].view(np.uint64)
-
-    def get(self, start: int, stop: int) -> np.ndarray:
-        for first, end, view in self._segments:
-            if first <= start and stop <= end:
-                return view[start - first:stop - first]
-        return np.stack([self._row(j) for j in range(start, stop)])
-
-    def put(self, start: int, stop: int, values: np.ndarray) -> None:
-        for first, end, view in self._segments:
-            if first <= start and stop <= end:
-                view[start - first:stop - first] = values
-                return
-        for j in range(start, stop):
-            self._row(j)[...] = values[j - start]
-
-    def __len__(self) -> int:
-        return len(self._offsets)
-
-
-def _modulus_row(moduli: list[int], n: int) -> np.ndarray | np.uint64:
-    """The prime each residue of a (c0, c1) row is reduced by (a scalar for one prime)."""
-    if len(moduli) == 1:
-        return np.uint64(moduli[0])
-    return np.tile(np.repeat(np.asarray(moduli, dtype=np.uint64), n), 2)
-
-
-def _add_mod(rows: list[_Rows], q: np.ndarray | np.uint64, out: _Rows) -> None:
-    """out = sum(rows) mod q, a block of chunks at a time in one reused accumulator that
-    stays in cache while the K blobs stream past.
-
-    Inputs must be < q (SEAL's validity rule, checked here); `fits` terms below q sum
-    without overflowing uint64 (16 for 60-bit primes), so K <= 16 needs one reduction.
-    """
-    fits = ((1 << 64) - 1) // (int(np.max(q)) - 1)
-    width = out.get(0, 1).shape[1]
-    per_block = max(1, _BLOCK_BYTES // (width * 8))
-    buffer = np.empty((per_block, width), dtype=np.uint64)
-    for start in range(0, len(out), per_block):
-        stop = min(len(out), start + per_block)
-        acc = buffer[:stop - start]
-        np.copyto(acc, rows[0].get(start, stop))
-        _check_reduced(acc, q, 0)
-        terms = 1
-        for k in range(1, len(rows)):
-            block = rows[k].get(start, stop)
-            _check_reduced(block, q, k)
-            if terms == fits:
-                np.remainder(acc, q, out=acc)
-                terms = 1
-            np.add(acc, block, out=acc)
-            terms += 1
-        np.remainder(acc, q, out=acc)
-        out.put(start, stop, acc)
-
-
-def _check_reduced(block: np.ndarray, q: np.ndarray | np.uint64, k: int) -> None:
-    bad = block.max() >= q if np.ndim(q) == 0 else bool((block >= q).any())
-    if bad:
-        raise PolicyError(f"contribution [{k}]: residues not reduced modulo the study's primes (corrupt ciphertext)")
 
 
 # ---------------------------------------------------------------------------- transport

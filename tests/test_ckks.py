@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tenseal as ts
 
-from policies import ckks
+from policies import ckks, seeds
 from policies.ckks import CkksParams
 from policies.errors import PolicyError
 from policies.update import pack_update, unpack_sum
@@ -90,7 +90,7 @@ def test_aggregator_context_holds_no_secret_key(secret_ctx, agg_ctx, params):
     with pytest.raises(PolicyError, match="cannot decrypt"):
         ckks.decrypt_vector(agg_ctx, blob)
     with pytest.raises(ValueError, match="secret_key"):  # and TenSEAL itself refuses too
-        ts.ckks_vector_from(agg_ctx, _chunks(blob)[0]).decrypt()
+        ts.ckks_vector_from(agg_ctx, ts.ckks_vector(secret_ctx, np.ones(10)).serialize()).decrypt()
     with pytest.raises(PolicyError, match="only a silo can encrypt"):
         ckks.encrypt_vector(agg_ctx, np.ones(10))
 
@@ -181,40 +181,83 @@ def test_two_data_primes_sum_on_both_paths():
 
 
 def test_compressed_ciphertexts_fall_back_to_tenseal():
-    """N=8192 [60, 40, 40]: zstd really compresses 40-bit residues, so only TenSEAL can add."""
+    """N=8192 [60, 40, 40]: zstd really compresses 40-bit residues, so the silo cannot read
+    them out and sends TenSEAL's own bytes (format 1), which only TenSEAL adds."""
     params = CkksParams(poly_modulus_degree=8192, coeff_mod_bit_sizes=[60, 40, 40])
     ctx = ckks.new_secret_context(params)
     agg = ckks.load_context(ckks.aggregator_context_bytes(ctx), params)
     contributions = _weights(np.random.default_rng(5), 3, 300)
     blobs = [ckks.encrypt_vector(ctx, c, params=params) for c in contributions]
-    with pytest.raises(PolicyError, match="compressed"):
+    assert [_format(b) for b in blobs] == [ckks.FORMAT_TENSEAL] * 3
+    with pytest.raises(PolicyError, match=r"contribution \[0\] is in format 1"):
         ckks.sum_encrypted(agg, blobs, method="numpy-residue")
-    _assert_close(ckks.decrypt_vector(ctx, ckks.sum_encrypted(agg, blobs)), np.sum(contributions, axis=0))
+    summed = ckks.sum_encrypted(agg, blobs)
+    assert _format(summed) == ckks.FORMAT_TENSEAL
+    _assert_close(ckks.decrypt_vector(ctx, summed), np.sum(contributions, axis=0))
 
 
-def test_unaligned_blob_is_parsed_chunk_by_chunk(secret_ctx, agg_ctx, params):
-    """A valid blob laid out differently (no alignment padding) takes the parsing path."""
+def _format(blob: bytes) -> int:
+    return struct.unpack_from("<H", blob, 4)[0]
+
+
+def _tenseal_chunks(ctx: ts.Context, values: np.ndarray) -> list[bytes]:
+    return [ts.ckks_vector(ctx, values[i:i + 2048]).serialize() for i in range(0, values.size, 2048)]
+
+
+def _format1(chunks: list[bytes], values: int) -> bytes:
+    return struct.pack("<4sHHIIQ", b"FCKS", 1, 0, len(chunks), 2048, values) + b"".join(
+        struct.pack("<II", 0, len(c)) + c for c in chunks)
+
+
+def test_packed_blob_rebuilds_tenseals_own_serialisation(secret_ctx, agg_ctx, params):
+    """Format 2 is TenSEAL's ciphertexts minus everything but residues: the chunks a silo
+    rebuilds load in TenSEAL and re-serialise to TenSEAL's bytes, and decrypt bit for bit
+    like the vectors TenSEAL made."""
+    values = np.random.default_rng(8).normal(0, 1, P_LONG)
+    chunks = _tenseal_chunks(secret_ctx, values)
+    packed = ckks._pack(secret_ctx, chunks, 2048, P_LONG)
+    assert _format(packed) == ckks.FORMAT_PACKED
+    view = memoryview(packed)
+    head = ckks._read_head(view, "blob")
+    rebuilt = ckks._tenseal_vectors(agg_ctx, view, head, "blob")
+    assert [v.serialize() for v in rebuilt] == chunks  # byte-identical round trip
+    originals = np.concatenate([ts.ckks_vector_from(secret_ctx, c).decrypt() for c in chunks])
+    assert np.array_equal(ckks.decrypt_vector(secret_ctx, packed), originals)
+
+
+def _tenseal_sum(ctx: ts.Context, silos: list[list[bytes]]) -> list[ts.CKKSVector]:
+    """TenSEAL's own `+`, chunk by chunk, over the silos' serialised vectors."""
+    totals = []
+    for c in range(len(silos[0])):
+        total = ts.ckks_vector_from(ctx, silos[0][c])
+        for chunks in silos[1:]:
+            total = total + ts.ckks_vector_from(ctx, chunks[c])
+        totals.append(total)
+    return totals
+
+
+def test_numpy_sum_decrypts_like_tenseals_add(secret_ctx, agg_ctx, params):
+    """The coordinator's numpy sum of packed blobs against TenSEAL's `+` on the vectors the
+    silos encrypted: same ciphertext bytes, same decryption, bit for bit."""
+    rng = np.random.default_rng(9)
+    contributions = _weights(rng, 5, P_LONG)
+    tenseal_chunks = [_tenseal_chunks(secret_ctx, c) for c in contributions]
+    blobs = [ckks._pack(secret_ctx, chunks, 2048, P_LONG) for chunks in tenseal_chunks]
+    by_tenseal = _tenseal_sum(secret_ctx, tenseal_chunks)
+    summed = ckks.sum_encrypted(agg_ctx, blobs, method="numpy-residue")
+    rebuilt = ckks._tenseal_vectors(agg_ctx, memoryview(summed), ckks._read_head(memoryview(summed), "sum"), "sum")
+    assert [v.serialize() for v in rebuilt] == [v.serialize() for v in by_tenseal]
+    assert np.array_equal(ckks.decrypt_vector(secret_ctx, summed), np.concatenate([v.decrypt() for v in by_tenseal]))
+
+
+def test_format1_and_packed_blobs_sum_through_tenseal(secret_ctx, agg_ctx, params):
+    """A silo that had to fall back (format 1) still counts: the sum goes through TenSEAL."""
     contributions = _weights(np.random.default_rng(2), 3, P_LONG)
     blobs = [ckks.encrypt_vector(secret_ctx, c, params=params) for c in contributions]
-    blobs[1] = _repack_without_padding(blobs[1])
-    by_numpy = ckks.sum_encrypted(agg_ctx, blobs, method="numpy-residue")
-    assert by_numpy == ckks.sum_encrypted(agg_ctx, blobs, method="tenseal")
-    _assert_close(ckks.decrypt_vector(secret_ctx, by_numpy), np.sum(contributions, axis=0))
-
-
-def _chunks(blob: bytes) -> list[bytes]:
-    _, _, _, n, _, _ = struct.unpack_from("<4sHHIIQ", blob, 0)
-    pos, out = 24, []
-    for _ in range(n):
-        pad, length = struct.unpack_from("<II", blob, pos)
-        out.append(blob[pos + 8 + pad:pos + 8 + pad + length])
-        pos += 8 + pad + length
-    return out
-
-
-def _repack_without_padding(blob: bytes) -> bytes:
-    chunks = _chunks(blob)
-    return blob[:24] + b"".join(struct.pack("<II", 0, len(c)) + c for c in chunks)
+    blobs[1] = _format1(_tenseal_chunks(secret_ctx, contributions[1]), P_LONG)
+    summed = ckks.sum_encrypted(agg_ctx, blobs)
+    assert _format(summed) == ckks.FORMAT_TENSEAL
+    _assert_close(ckks.decrypt_vector(secret_ctx, summed), np.sum(contributions, axis=0))
 
 
 def test_uint8_transport_round_trip(secret_ctx, agg_ctx, params):
@@ -229,9 +272,117 @@ def test_uint8_transport_round_trip(secret_ctx, agg_ctx, params):
         ckks.uint8_as_blob(np.zeros(3, dtype=np.float32))
 
 
-def test_wire_size_is_32_bytes_per_parameter(secret_ctx, params):
+def test_wire_size_is_15_bytes_per_parameter_seeded_30_unseeded(secret_ctx, params):
+    """One polynomial x 1 data prime x 60 bits per slot = 15 bytes (seeded), 30 with c1,
+    plus a 72-byte header and a 32-byte seed per contribution."""
     blob = ckks.encrypt_vector(secret_ctx, np.zeros(100 * 2048), params=params)
-    assert 32.0 < len(blob) / (100 * 2048) < 32.1  # 2 polys x 1 data prime x 8 bytes per slot
+    assert len(blob) == 100 * 2048 * 15 + 72 + 32
+    full = ckks.encrypt_vector(secret_ctx, np.zeros(100 * 2048), params=params, seeded=False)
+    assert len(full) == 100 * 2048 * 30 + 72
+    agg = ckks.load_context(ckks.aggregator_context_bytes(secret_ctx))
+    assert len(ckks.sum_encrypted(agg, [blob] * 3)) == len(blob) + 2 * 32  # c0 sum and three seeds
+    assert len(ckks.sum_encrypted(agg, [full] * 3)) == len(full)
+
+
+# ---------------------------------------------------------------------------- seeded ciphertexts
+# The silo re-randomises onto a public seed and sends c0 only; the coordinator adds c0 and
+# lists seeds without the secret key or any expansion; a silo expands the seeds and
+# decrypts exactly what TenSEAL would have.
+
+
+def _seeded(ctx: ts.Context, chunks: list[bytes], values: int) -> bytes:
+    return ckks._pack(ctx, chunks, 2048, values, ckks.FRESH_SEED)
+
+
+def _header(blob: bytes) -> tuple[int, int]:
+    """(polys, seeds) of a format-2 blob."""
+    return struct.unpack_from("<BI", blob, 67)
+
+
+def test_seeded_blob_decrypts_bit_for_bit_like_tenseals_ciphertext(secret_ctx):
+    """Re-randomising keeps m + e: TenSEAL decrypts the rebuilt (c0', a') to exactly the
+    floats it decrypts the original (c0, c1) to."""
+    values = np.random.default_rng(1).normal(0, 1, P_LONG)
+    chunks = _tenseal_chunks(secret_ctx, values)
+    blob = _seeded(secret_ctx, chunks, P_LONG)
+    assert _header(blob) == (1, 1)
+    originals = np.concatenate([ts.ckks_vector_from(secret_ctx, c).decrypt() for c in chunks])
+    assert np.array_equal(ckks.decrypt_vector(secret_ctx, blob), originals)
+    np.testing.assert_allclose(originals, values, atol=1e-6)
+
+
+def test_seeded_c1_is_the_seed_expansion_and_every_blob_has_a_fresh_seed(secret_ctx, agg_ctx, params):
+    values = np.linspace(-1, 1, P_LONG)
+    one, two = (ckks.encrypt_vector(secret_ctx, values, params=params) for _ in range(2))
+    seed_one, seed_two = one[-32:], two[-32:]
+    assert seed_one != seed_two
+    view = memoryview(one)
+    packed = ckks._read_packed(agg_ctx, view, ckks._read_head(view, "blob"), "blob")
+    residues = ckks._residues(view, packed)  # (chunks, 2, primes, N)
+    q = ckks._data_moduli(agg_ctx)[0]
+    assert np.array_equal(residues[:, 1, 0].reshape(-1), seeds.expand(seed_one, q, 0, 3 * 4096))
+
+
+@pytest.mark.parametrize("k", [3, 16, 17])
+def test_seeded_sum_decrypts_like_tenseals_add(secret_ctx, agg_ctx, k):
+    """K silos' seeded blobs summed by the coordinator's numpy path decrypt bit for bit like
+    TenSEAL's `+` over the silos' original ciphertexts; the TenSEAL reference sum of the
+    seeded blobs is the same bytes; the sum lists every contributor's seed."""
+    rng = np.random.default_rng(k)
+    contributions = [rng.uniform(0.05, 1) * rng.normal(0, 0.8, P_LONG) for _ in range(k)]
+    chunks = [_tenseal_chunks(secret_ctx, c) for c in contributions]
+    blobs = [_seeded(secret_ctx, c, P_LONG) for c in chunks]
+    summed = ckks.sum_encrypted(agg_ctx, blobs, method="numpy-residue")
+    assert _header(summed) == (1, k)
+    assert summed[-32 * k:] == b"".join(b[-32:] for b in blobs)
+    by_tenseal = _tenseal_sum(secret_ctx, chunks)
+    assert np.array_equal(ckks.decrypt_vector(secret_ctx, summed), np.concatenate([v.decrypt() for v in by_tenseal]))
+    if k == 3:
+        assert ckks.sum_encrypted(agg_ctx, blobs, method="tenseal") == summed
+
+
+def test_the_coordinator_path_holds_no_secret_key_and_expands_nothing(secret_ctx, agg_ctx, params, monkeypatch):
+    blobs = [ckks.encrypt_vector(secret_ctx, np.full(P_LONG, float(i)), params=params) for i in range(3)]
+    assert not ckks.has_secret_key(agg_ctx)
+    with pytest.raises(PolicyError, match="only a silo can make seeded ciphertexts"):
+        ckks._secret_residues(agg_ctx)
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the coordinator expanded a seed")
+
+    monkeypatch.setattr(seeds, "expand", refuse)
+    monkeypatch.setattr(ckks, "expand_sum", refuse)
+    summed = ckks.sum_encrypted_uint8(agg_ctx, [ckks.blob_as_uint8(b) for b in blobs])
+    monkeypatch.undo()
+    np.testing.assert_allclose(ckks.decrypt_vector(secret_ctx, summed), np.full(P_LONG, 3.0), atol=1e-6)
+
+
+def test_seeded_and_full_blobs_are_not_summed_together(secret_ctx, agg_ctx, params):
+    seeded = ckks.encrypt_vector(secret_ctx, np.ones(10), params=params)
+    full = ckks.encrypt_vector(secret_ctx, np.ones(10), params=params, seeded=False)
+    for method in ("numpy-residue", "tenseal"):
+        with pytest.raises(PolicyError, match=r"contribution \[1\] is not seeded, contribution \[0\] is"):
+            ckks.sum_encrypted(agg_ctx, [seeded, full], method=method)
+
+
+def test_seed_headers_that_do_not_add_up_are_refused(secret_ctx, agg_ctx, params):
+    good = ckks.encrypt_vector(secret_ctx, np.ones(10), params=params)
+    no_seed = good[:68] + struct.pack("<I", 0) + good[72:]
+    extra_seed = good[:68] + struct.pack("<I", 2) + good[72:]
+    with pytest.raises(PolicyError, match=r"contribution \[1\]: not a fresh CKKS ciphertext \(1 polynomials, 0 seeds\)"):
+        ckks.sum_encrypted(agg_ctx, [good, no_seed])
+    with pytest.raises(PolicyError, match=r"contribution \[1\]: truncated"):
+        ckks.sum_encrypted(agg_ctx, [good, extra_seed])
+    with pytest.raises(PolicyError, match=r"contribution \[1\]: truncated"):
+        ckks.sum_encrypted(agg_ctx, [good, good[:-1]])
+
+
+def test_a_wrong_seed_decrypts_to_noise_not_to_the_message(secret_ctx, params):
+    """The seed is part of the ciphertext: with another one, c0' + a*s is garbage."""
+    values = np.linspace(-1, 1, 100)
+    blob = ckks.encrypt_vector(secret_ctx, values, params=params)
+    other = blob[:-32] + bytes(32)
+    assert np.max(np.abs(ckks.decrypt_vector(secret_ctx, other) - values)) > 1.0
 
 
 # ---------------------------------------------------------------------------- malformed input
@@ -243,37 +394,70 @@ def test_mismatched_and_malformed_blobs_are_refused(secret_ctx, agg_ctx, params,
     shorter = ckks.encrypt_vector(secret_ctx, np.ones(P_LONG - 1), params=params)
     with pytest.raises(PolicyError, match=r"contribution \[1\] holds 4999 values"):
         ckks.sum_encrypted(agg_ctx, [a, shorter], method=method)
-    with pytest.raises(PolicyError, match=r"contribution \[1\]: .*truncated"):
+    with pytest.raises(PolicyError, match=r"contribution \[1\]: truncated: 92164 bytes, its header implies 92264"):
         ckks.sum_encrypted(agg_ctx, [a, a[:-100]], method=method)
+    with pytest.raises(PolicyError, match=r"contribution \[1\]: too long"):
+        ckks.sum_encrypted(agg_ctx, [a, a + b"\0" * 8], method=method)
+    with pytest.raises(PolicyError, match=r"contribution \[1\]: truncated inside the header"):
+        ckks.sum_encrypted(agg_ctx, [a, a[:40]], method=method)
     with pytest.raises(PolicyError, match="bad magic"):
         ckks.sum_encrypted(agg_ctx, [a, b"XXXX" + a[4:]], method=method)
+    with pytest.raises(PolicyError, match="format 7"):
+        ckks.sum_encrypted(agg_ctx, [a, a[:4] + b"\x07" + a[5:]], method=method)
     with pytest.raises(PolicyError, match="nothing to sum"):
         ckks.sum_encrypted(agg_ctx, [], method=method)
 
 
+def _patch(blob: bytes, at: int, data: bytes) -> bytes:
+    return blob[:at] + data + blob[at + len(data):]
+
+
 @pytest.mark.parametrize("method", ["tenseal", "numpy-residue"])
-def test_corrupt_ciphertexts_are_refused(secret_ctx, agg_ctx, params, method):
+def test_corrupt_headers_are_refused(secret_ctx, agg_ctx, params, method):
     good = ckks.encrypt_vector(secret_ctx, np.ones(10), params=params)
-    chunk = _chunks(good)[0]
-    start = good.index(chunk)
-    at = start + len(chunk) - 9 - 8  # the last residue, just before the protobuf scale field
-    unreduced = good[:at] + b"\xff" * 8 + good[at + 8:]
-    with pytest.raises(PolicyError, match=r"contribution \[1\]"):
-        ckks.sum_encrypted(agg_ctx, [good, unreduced], method=method)
-    garbled = good[:start + 2] + b"\xee" * 40 + good[start + 42:]
-    with pytest.raises(PolicyError, match=r"contribution \[1\], chunk 0"):
-        ckks.sum_encrypted(agg_ctx, [good, garbled], method=method)
+    cases = {
+        "other CKKS parameters": _patch(good, 24, b"\xee" * 8),  # parms_id
+        "scale 2\\^41 is not the study's 2\\^40": _patch(good, 56, struct.pack("<d", 2.0 ** 41)),
+        "not a fresh CKKS ciphertext \\(3 polynomials": _patch(good, 67, b"\x03"),
+        "header says 10 values in 2 chunks": _patch(good, 8, struct.pack("<I", 2)),
+    }
+    for message, bad in cases.items():
+        with pytest.raises(PolicyError, match=r"contribution \[1\]: .*" + message):
+            ckks.sum_encrypted(agg_ctx, [good, bad], method=method)
+
+
+def test_unreduced_residue_is_the_same_ciphertext_reduced(secret_ctx, agg_ctx, params):
+    """Residues carry 60 bits; a value in [q, 2^60) (no silo writes one) stands for its
+    reduction, so both sums reduce it and agree, and the result decrypts as usual. Any
+    other change to the residues is a valid ciphertext of something else: CKKS ciphertexts
+    are indistinguishable from random, so no format can tell (the transport's TLS must)."""
+    good = ckks.encrypt_vector(secret_ctx, np.linspace(-1, 1, 10), params=params)
+    q = ckks._data_moduli(agg_ctx)[0]
+
+    def first_residue(value: int) -> bytes:  # bits 0..59 of the first packed word
+        word = struct.unpack_from("<Q", good, 72)[0]
+        return _patch(good, 72, struct.pack("<Q", (word >> 60 << 60) | value))
+
+    unreduced, reduced = first_residue((1 << 60) - 1), first_residue((1 << 60) - 1 - q)
+    by_numpy = ckks.sum_encrypted(agg_ctx, [good, unreduced], method="numpy-residue")
+    assert by_numpy == ckks.sum_encrypted(agg_ctx, [good, reduced], method="numpy-residue")
+    assert by_numpy == ckks.sum_encrypted(agg_ctx, [good, unreduced], method="tenseal")
+    assert by_numpy != ckks.sum_encrypted(agg_ctx, [good, good], method="numpy-residue")
+    assert np.array_equal(ckks.decrypt_vector(secret_ctx, unreduced), ckks.decrypt_vector(secret_ctx, reduced))
 
 
 def test_ciphertexts_of_other_parameters_are_refused(agg_ctx, secret_ctx, params):
     other = ckks.new_secret_context(CkksParams(poly_modulus_degree=8192, coeff_mod_bit_sizes=[60, 60, 60]))
     foreign = ckks.encrypt_vector(other, np.ones(10))
     mine = ckks.encrypt_vector(secret_ctx, np.ones(10), params=params)
+    scaled = ckks.new_secret_context(CkksParams(scale_bits=30))  # same primes, other scale
     for method in ("tenseal", "numpy-residue", "auto"):
         with pytest.raises(PolicyError, match="4096 slots per ciphertext; this study's context has 2048"):
             ckks.sum_encrypted(agg_ctx, [foreign, mine], method=method)
         with pytest.raises(PolicyError, match=r"contribution \[1\]"):
             ckks.sum_encrypted(agg_ctx, [mine, foreign], method=method)
+        with pytest.raises(PolicyError, match=r"contribution \[1\]: scale 2\^30 is not the study's 2\^40"):
+            ckks.sum_encrypted(agg_ctx, [mine, ckks.encrypt_vector(scaled, np.ones(10))], method=method)
     with pytest.raises(PolicyError, match="unknown sum method"):
         ckks.sum_encrypted(agg_ctx, [mine], method="fast")  # type: ignore[arg-type]
 
@@ -368,12 +552,10 @@ def test_encrypt_refuses_what_no_slot_can_hold(secret_ctx):
 
 
 def test_raw_tenseal_chunks_are_summed_through_tenseal(secret_ctx, agg_ctx, params):
-    """Chunks as TenSEAL writes them (zstd frames) still sum; numpy-residue says why it can't."""
+    """Format 1 as TenSEAL writes it (zstd frames) still sums; numpy-residue says why it can't."""
     values = np.linspace(-1, 1, 3000)
-    raw = [ts.ckks_vector(secret_ctx, values[i:i + 2048]).serialize() for i in range(0, 3000, 2048)]
-    blob = struct.pack("<4sHHIIQ", b"FCKS", 1, 0, 2, 2048, 3000) + b"".join(
-        struct.pack("<II", 0, len(c)) + c for c in raw)
-    with pytest.raises(PolicyError, match="stored compressed"):
+    blob = _format1(_tenseal_chunks(secret_ctx, values), 3000)
+    with pytest.raises(PolicyError, match="numpy-residue needs the packed format 2"):
         ckks.sum_encrypted(agg_ctx, [blob, blob], method="numpy-residue")
     _assert_close(ckks.decrypt_vector(secret_ctx, ckks.sum_encrypted(agg_ctx, [blob, blob])), 2 * values)
 
