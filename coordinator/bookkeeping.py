@@ -40,6 +40,7 @@ class StudyBook:
 
     def __init__(self, state_dir: Path, spec: StudySpec, yaml_text: str, audit: AuditLog, db_url: str | None = None):
         self.spec, self.audit = spec, audit
+        self.fingerprints: dict[str, str] = {}  # the runner's view of enrolment keys (silo -> sha256)
         self.store = open_store(db_url, state_dir)
         self.row = ensure_study(self.store, spec, yaml_text)
         if self.row.status in ("completed", "stopped"):
@@ -50,18 +51,36 @@ class StudyBook:
         self.audit.append("study.status", self.row.label, {"from": change.from_status, "to": change.to_status,
                                                             "reason": reason[:500]})
 
-    def start(self, silos: list[str]) -> None:
-        """Enrol the silos that answered (each validated its cohort before joining) and run."""
+    def start(self, silos: dict[str, int]) -> None:
+        """Enrol the silos that answered (name -> Flower node id; each validated its cohort before joining) and run."""
         status = self.store.get_study(self.spec.id, version=self.spec.version).status
         if status == "draft":
             self._move("open")
-        for silo in silos:
-            self.enrol(silo)
+        for silo, node in silos.items():
+            self.enrol(silo, node, self.fingerprints.get(silo))
         if self.store.get_study(self.spec.id, version=self.spec.version).status == "open":
             self._move("running")
 
-    def enrol(self, silo: str) -> None:
-        self.store.record_enrolment(self.spec.id, silo, "validated", version=self.spec.version)
+    def enrol(self, silo: str, node_id: int | None = None, fingerprint: str | None = None) -> None:
+        """A silo is in: it validated its cohort before joining and (under CKKS) opened the study key.
+
+        What the Silos page shows comes from here: the enrolment, the key ceremony, the node
+        id it connected under and when it was last seen. A silo whose enrolment key differs
+        from the one on record is still enrolled (its peers' pins decide whom they trust), but
+        the mismatch goes to the audit log for the study lead and auditors to see.
+        """
+        ceremony = "done" if self.spec.encryption == "ckks" else None
+        self.store.record_enrolment(self.spec.id, silo, "validated", key_ceremony=ceremony, version=self.spec.version)
+        try:
+            self.store.register_silo(silo, key_fingerprint=fingerprint)
+        except PolicyError as exc:
+            self.audit.append("silo.key_mismatch", silo, {"reason": str(exc)[:500]})
+        self.store.mark_silo_seen(silo, online=True, node_id=node_id)
+
+    def seen(self, silos: list[str]) -> None:
+        """Silos that answered a round (replied or refused) are online now."""
+        for silo in silos:
+            self.store.mark_silo_seen(silo, online=True)
 
     def approve(self, round_no: int, poll: float = 1.0) -> None:
         """Wait (cheaply) until the round is approved; a rejection stops the study."""
@@ -75,6 +94,7 @@ class StudyBook:
     def round_finished(self, record: RoundRecord) -> None:
         refused = {k: v for k, v in record.refused.items() if k not in record.replied}
         self.store.record_round_finish(self.spec.id, record.round, record.replied, refused, version=self.spec.version)
+        self.seen(sorted({*record.replied, *refused}))
         for silo, spend in record.privacy.items():
             self.store.record_privacy_spend(self.spec.id, silo, record.round, spend["epsilon_spent"],
                                             spend["epsilon_budget"], spend.get("rounds_left"), version=self.spec.version)

@@ -70,7 +70,7 @@ class StudyRunner:
         """Wait (bounded) until the expected silos are connected; go on with the minimum."""
         deadline = time.monotonic() + self.timeout
         while True:
-            nodes = sorted(self.grid.get_node_ids())
+            nodes = sorted(self.connected_nodes())
             if len(nodes) >= self.expected or (time.monotonic() > deadline and len(nodes) >= self.study.min_silos):
                 return nodes
             if time.monotonic() > deadline:
@@ -135,12 +135,26 @@ class StudyRunner:
             self.audit.witness(f"silo:{reply.silo}", reply.audit_seq, reply.audit_head)
         return SiloAnswer(node, reply, arrays)
 
+    def _registered(self) -> dict[int, str]:
+        """Flower node id -> silo name, for silos registered with a SuperNode key (empty in the demo)."""
+        if not self.book:
+            return {}
+        return {int(s.flower_node_id): s.name for s in self.book.store.list_silos()
+                if s.node_auth_key and s.flower_node_id is not None}
+
+    def connected_nodes(self) -> set[int]:
+        """Connected SuperNodes that count as silos. Flower 1.41's Control API lets anyone who
+        reaches the port register a node key, so once silos are registered through
+        `coordinator certs register` only their node ids count towards quorum and rounds."""
+        nodes = set(self.grid.get_node_ids())
+        registered = self._registered()
+        return nodes & set(registered) if registered else nodes
+
     def check_identity(self, node: int, claimed: str) -> None:
         """With SuperNode authentication the node id is the silo's identity: a reply must name
         the silo registered for its node (`coordinator certs register`). Without any
         registration (the insecure local demo) names come from payloads and are not checked."""
-        registered = {s.flower_node_id: s.name for s in self.book.store.list_silos() if s.node_auth_key} \
-            if self.book else {}
+        registered = self._registered()
         if registered and registered.get(node) != claimed:
             raise ValueError(f"node {node} is registered as silo {registered.get(node)!r}, its reply claims {claimed!r}")
 
@@ -230,7 +244,7 @@ class StudyRunner:
         Under CKKS the key holder seals the study key to each newcomer's enrolment key (pins
         apply); a newcomer normalises with the pooled statistics of the silos that started.
         """
-        new = sorted(set(self.grid.get_node_ids()) - set(nodes) - self.not_admitted)
+        new = sorted(self.connected_nodes() - set(nodes) - self.not_admitted)
         if not new:
             return nodes
         joined = new
@@ -255,7 +269,7 @@ class StudyRunner:
             name = self.names.get(node, str(node))
             self.audit.append("silo.joined_late", name, {"node": str(node), "before_round": len(self.state.aggregates) + 1})
             if self.book:
-                self.book.enrol(name)
+                self.book.enrol(name, node, self.fingerprints.get(name))
         return sorted([*nodes, *joined])
 
     def _key_holder(self, enrolled: dict[int, SiloAnswer]) -> int:
@@ -375,7 +389,8 @@ class StudyRunner:
                 nodes = self.resume(resume_from)
                 first = resume_from.round_no + 1
             if self.book:
-                self.book.start([self.names[n] for n in nodes])
+                self.book.fingerprints = self.fingerprints
+                self.book.start({self.names[n]: n for n in nodes})
             for r in range(first, self.study.training.rounds + 1):
                 if self.book:
                     self.write(f"round {r} waiting for approval")
@@ -410,7 +425,7 @@ class StudyRunner:
     def _study_nodes(self) -> list[int]:
         """Silos that took part and are still connected (every connected one if the study
         stopped before any took part)."""
-        connected = set(self.grid.get_node_ids())
+        connected = self.connected_nodes()
         members = set(self.names) | ({self.holder} if self.holder is not None else set())
         return sorted((members or connected - self.not_admitted) & connected)
 

@@ -77,7 +77,7 @@ class StudySpec(_Strict):
 
     protocol_version: int
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$")
-    name: str
+    name: str = Field(min_length=1, max_length=200, pattern=r"\S")  # shown to every silo's IT: never blank
     version: int = Field(1, ge=1)
     governance: Governance
     cohort: CohortSchema
