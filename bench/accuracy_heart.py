@@ -10,10 +10,7 @@ through `Silo.train`/`Silo.evaluate` and `StudyState` only: no training is re-im
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,8 +22,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: find common.py
 
 from common import (  # noqa: E402
-    FLAMBY_SEEDS, HOSPITALS, ROOT, Normalisation, accuracies, base_study, federate,
-    load_designs, pooled_design, silos_for, study_variant,
+    HOSPITALS, ROOT, Normalisation, accuracies, base_study, federate, load_designs, pooled_design,
+    progress_bar, save_figure, seeds_and_out, silos_for, study_variant, write_report,
 )
 from policies.study import StudySpec  # noqa: E402
 from silo_node.features import Design  # noqa: E402
@@ -256,19 +253,11 @@ def plot(methods: dict[str, dict[str, Any]], path: Path) -> bool:
     ax.set_xlabel("accuracy, unweighted mean over 4 hospitals' test sets")
     ax.set_title("FLamby Fed-Heart-Disease: fedcohort vs FLamby")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=8, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=list(FLAMBY_SEEDS), help="default: FLamby's 42..46")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON path; the PNG goes next to it")
-    args = ap.parse_args(argv)
+    args = seeds_and_out(__doc__, DEFAULT_OUT, argv)
 
     import torch
 
@@ -279,13 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     batch = base.training.batch_size
     methods = method_list(designs, batch)
     results: dict[str, list[SeedResult]] = {m.name: [] for m in methods}
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
-        task = bar.add_task("runs", total=len(methods) * len(args.seeds))
+    with progress_bar(len(methods) * len(args.seeds)) as done:
         for m in methods:
             for seed in args.seeds:
-                bar.update(task, description=f"{m.name} seed {seed}")
                 results[m.name].append(run_once(m, base, designs, seed))
-                bar.advance(task)
+                done(f"{m.name} seed {seed}")
 
     rows = {}
     for m in methods:
@@ -298,13 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         "flamby_reference": FLAMBY_REFERENCE,
         "bars": bars(rows),
         "notes": notes(POOLED_EPOCHS * math.ceil(n_train / batch), n_train, batch),
-        "generated_by": "bench/accuracy_heart.py",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "seconds": round(time.perf_counter() - started, 2),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out, "bench/accuracy_heart.py", started, torch=torch.__version__)
     print_table(rows)
     for name, b in report["bars"].items():
         print(f"bar {name}: measured {b['measured']:.4f}, target {b['target']} -> {'met' if b['met'] else 'NOT met'}")
