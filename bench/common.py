@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
 import platform
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, TypeVar
 
 import numpy as np
 
@@ -107,11 +108,13 @@ def accuracies(per_silo_counts: dict[str, np.ndarray]) -> tuple[dict[str, float]
     return centre, metrics_from_counts(sum_vectors(list(per_silo_counts.values())))
 
 
-def seeds_and_out(doc: str, default_out: Path, argv: list[str] | None) -> argparse.Namespace:
-    """The accuracy benchmarks' command line: --seeds (FLamby's by default) and --out."""
+def seeds_and_out(doc: str, default_out: Path, argv: list[str] | None, jobs: bool = False) -> argparse.Namespace:
+    """The accuracy benchmarks' command line: --seeds (FLamby's by default), --out, optionally --jobs."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=list(FLAMBY_SEEDS), help="default: FLamby's 42..46")
     ap.add_argument("--out", type=Path, default=default_out, help="JSON path; the PNG goes next to it")
+    if jobs:
+        ap.add_argument("--jobs", type=int, default=1, help="independent runs in this many processes")
     return ap.parse_args(argv)
 
 
@@ -146,3 +149,24 @@ def write_report(report: dict[str, Any], out: Path, script: str, started: float,
                    "seconds": round(time.perf_counter() - started, 2)})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+Task = TypeVar("Task")
+Outcome = TypeVar("Outcome")
+
+
+def run_all(fn: Callable[[Task], Outcome], tasks: list[Task], labels: list[str], jobs: int,
+            done: Callable[[str], None]) -> list[Outcome]:
+    """fn over the tasks, in order, in `jobs` forked processes (1: this process).
+
+    For independent runs (own ledgers, own noise): parallelism changes wall time only.
+    `fn` must be a module-level function so the pool can send it.
+    """
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(multiprocessing.get_context("fork").Pool(jobs)) if jobs > 1 else None
+        outcomes = pool.imap(fn, tasks) if pool else map(fn, tasks)
+        out = []
+        for label, outcome in zip(labels, outcomes):
+            out.append(outcome)
+            done(label)
+        return out

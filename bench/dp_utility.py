@@ -7,7 +7,7 @@ FLamby's DP-FedAvg row), through the same in-process path as bench/accuracy_hear
 the noised count as aggregation weight) and `StudyState`, nothing re-implemented. Each
 silo derives its own noise multipliers from the budget, so they are reported per silo.
 
-    python bench/dp_utility.py [--seeds 42 43] [--out bench/results/dp_utility.json]
+    python bench/dp_utility.py [--seeds 42 43] [--jobs 4] [--out bench/results/dp_utility.json]
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: find common.py
 
 from common import (  # noqa: E402
-    HOSPITALS, ROOT, accuracies, base_study, federate, load_designs, progress_bar, save_figure, seeds_and_out, silos_for,
-    study_variant, write_report,
+    HOSPITALS, ROOT, accuracies, base_study, federate, load_designs, progress_bar, run_all, save_figure, seeds_and_out,
+    silos_for, study_variant, write_report,
 )
 from policies.privacy import PrivacyPolicy  # noqa: E402
 from policies.study import StudySpec  # noqa: E402
@@ -55,16 +55,25 @@ def run_once(study: StudySpec, designs: dict[str, Design]) -> tuple[float, dict[
             {n: float(p.stats_noise_multiplier or 0.0) for n, p in plans.items()})
 
 
+def _run_task(task: tuple[StudySpec, dict[str, Design]]) -> tuple[float, dict[str, float], dict[str, float]]:
+    return run_once(*task)
+
+
 def measure(base: StudySpec, designs: dict[str, Design], seeds: list[int],
-            done: Callable[[str], None]) -> tuple[list[dict], dict]:
-    """One row per budget in the issue's shape, plus the statistics noise per budget."""
+            done: Callable[[str], None], jobs: int = 1) -> tuple[list[dict], dict]:
+    """One row per budget in the issue's shape, plus the statistics noise per budget.
+
+    `jobs` > 1 runs the (budget, seed) federations in that many processes: each run is
+    independent (own ledgers, own OS-entropy noise), so this changes wall time only.
+    """
+    keys = [(epsilon, seed) for epsilon in EPSILONS for seed in seeds]
+    tasks = [(study_at(base, epsilon, seed), designs) for epsilon, seed in keys]
+    outcomes = run_all(_run_task, tasks, [f"epsilon {e} seed {s}" for e, s in keys], jobs, done)
+    results = dict(zip(keys, outcomes))
     rows, stats_sigma = [], {}
     for epsilon in EPSILONS:
-        per_seed, sigma, s_sigma = [], {}, {}
-        for seed in seeds:
-            acc, sigma, s_sigma = run_once(study_at(base, epsilon, seed), designs)
-            per_seed.append(acc)
-            done(f"epsilon {epsilon} seed {seed}")
+        per_seed = [results[(epsilon, seed)][0] for seed in seeds]
+        _, sigma, s_sigma = results[(epsilon, seeds[-1])]
         rows.append({
             "epsilon": epsilon, "delta": DELTA if epsilon is not None else None,
             "noise_multiplier": sigma, "mean_center_accuracy": float(np.mean(per_seed)), "per_seed": per_seed,
@@ -118,12 +127,12 @@ def plot(rows: list[dict], path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = seeds_and_out(__doc__, DEFAULT_OUT, argv)
+    args = seeds_and_out(__doc__, DEFAULT_OUT, argv, jobs=True)
     started = time.perf_counter()
     base = base_study()
     designs = load_designs(base)
     with progress_bar(len(EPSILONS) * len(args.seeds)) as done:
-        rows, stats_sigma = measure(base, designs, args.seeds, done)
+        rows, stats_sigma = measure(base, designs, args.seeds, done, args.jobs)
     at_bar = next(r for r in rows if r["epsilon"] == BAR_EPSILON)["mean_center_accuracy"]
     shipped: PrivacyPolicy = base.dp  # type: ignore[assignment]
     report: dict[str, Any] = {

@@ -164,11 +164,12 @@ class Silo:
     def release_stats(self, nonce: str = "") -> StatsResult:
         """The statistics round: moments of the rows clipped to the schema, noised and charged under DP.
 
-        Under DP the ledger decides before anything is computed, the noise comes from OS
+        Under DP the ledger decides before any noise is drawn, the noise comes from OS
         entropy, and the charge (with the noised count, the silo's aggregation weight from
         now on) is on disk before the encoded moments are returned, i.e. before they leave.
         """
-        m = clipped_moments(self.design.x_train, stat_bounds(self.study))
+        bounds = stat_bounds(self.study)
+        m = clipped_moments(self.design.x_train, bounds)
         if self.study.dp is None:
             return StatsResult(self.codec.encode(m, self._stats_scale()), None)
         ledger, plan = self.ledger(), self.dp_plan()
@@ -176,7 +177,7 @@ class Silo:
         decision = ledger.decide(sigma, STATS_SAMPLE_RATE, STATS_STEPS, round=STATS_ROUND)
         if not decision.allowed:
             raise PolicyError(decision.reason)
-        noised = add_gaussian_noise(m, stat_bounds(self.study), sigma, np.random.default_rng())
+        noised = add_gaussian_noise(m, bounds, sigma, np.random.default_rng())  # OS entropy, never the study seed
         encoded = self.codec.encode(noised, self._stats_scale())  # bounds checked before anything is charged
         charge = ledger.charge(STATS_ROUND, nonce, sigma, STATS_SAMPLE_RATE, STATS_STEPS,
                                release_digest=hashlib.sha256(noised.tobytes()).hexdigest(),
