@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(PY) bench/he_aggregation.py
 	$(PY) bench/he_precision.py
 	$(PY) bench/dp_overhead.py
+	$(PY) bench/dp_utility.py --jobs 2
 	$(PY) bench/audit_throughput.py
 	$(PY) bench/round_latency.py
 

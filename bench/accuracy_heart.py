@@ -5,15 +5,12 @@ pooled normalisation statistics). This script measures both claims, plus the poo
 local-only baselines, with FLamby's split, features, model, init and seeds (42..46),
 through `Silo.train`/`Silo.evaluate` and `StudyState` only: no training is re-implemented.
 
-    python bench/accuracy_heart.py [--seeds 42 43] [--out bench/results/accuracy_heart.json]
+    python bench/accuracy_heart.py [--seeds 42 43] [--jobs 4] [--out bench/results/accuracy_heart.json]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,11 +22,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: find common.py
 
 from common import (  # noqa: E402
-    FLAMBY_SEEDS, HOSPITALS, ROOT, Normalisation, accuracies, base_study, federate,
-    load_designs, pooled_design, silos_for, study_variant,
+    HOSPITALS, ROOT, Normalisation, accuracies, base_study, federate, load_designs, pooled_design,
+    progress_bar, run_all, save_figure, seeds_and_out, silos_for, study_variant, write_report,
 )
 from policies.study import StudySpec  # noqa: E402
-from silo_node.features import Design  # noqa: E402
+from silo_node.features import Design, moments, stat_bounds  # noqa: E402
 from silo_node.worker import Silo  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "accuracy_heart.json"
@@ -116,12 +113,17 @@ def run_once(method: Method, base: StudySpec, designs: dict[str, Design], seed: 
     assert method.hospital is not None
     trainer = Silo(name=method.hospital, study=study, design=designs[method.hospital])
     st = federate(study, [trainer])
-    # "pooled" mode with the trainer's own moments as the sum = the trainer's normaliser
+    # "pooled" mode with the trainer's own moments as the sum = the trainer's normaliser; its
+    # local moments, not the released (schema-clipped) ones, which it did not train with
     as_trainer = study.model_copy(update={"features": study.features.model_copy(update={"normalisation": "pooled"})})
-    own = trainer.stats_contribution()
+    own = moments(trainer.design.x_train, stat_bounds(study).centre)
     centre, pooled = accuracies({s.name: s.evaluate(own, st.aggregates) for s in silos_for(as_trainer, designs)})
     centre_own, _ = accuracies({s.name: s.evaluate(None, st.aggregates) for s in silos_for(study, designs)})
     return SeedResult(centre, pooled, centre_own)
+
+
+def _run_task(task: tuple[Method, StudySpec, dict[str, Design], int]) -> SeedResult:
+    return run_once(*task)
 
 
 def _mean(xs: list[float]) -> float:
@@ -186,11 +188,13 @@ def notes(pooled_steps: int, n_train: int, batch: int) -> list[str]:
         "fedavg_flamby / fedyogi_flamby: FLamby's FedAvg (client lr 1e-3) and FedYogi (client lr 0.003162, "
         "server lr 0.01, betas 0.9/0.999, tau 1e-8) with each hospital normalised by its own statistics.",
         "*_pooled_stats: every hospital normalised with the pooled training statistics summed from per-silo "
-        "moments (no rows move). fedyogi_pooled_stats is the shipped heart_disease.yaml with only the seed changed.",
+        "moments of values clipped to the schema's ranges (no rows move; e.g. chol 0 counts as 80 in the "
+        "statistics). fedyogi_pooled_stats is the shipped heart_disease.yaml with only the seed changed.",
         "std is the sample standard deviation (ddof=1) of the per-seed mean over the 4 hospitals.",
         "No encryption in any row. Rows whose `privacy` is a budget ran DP-SGD at every silo (Poisson sampling, "
-        "clipping 1.0, noise calibrated per silo with Opacus' RDP accountant to spend epsilon 1, delta 1e-5 over the "
-        "planned study); all other rows are non-private.",
+        "clipping 1.0, noise calibrated per silo with Opacus' RDP accountant) and released the statistics with "
+        "Gaussian noise (stats_budget_share of the budget, same accountant): statistics + the planned study spend "
+        "epsilon 1, delta 1e-5; their aggregation weights are the noised counts. All other rows are non-private.",
     ]
 
 
@@ -256,19 +260,11 @@ def plot(methods: dict[str, dict[str, Any]], path: Path) -> bool:
     ax.set_xlabel("accuracy, unweighted mean over 4 hospitals' test sets")
     ax.set_title("FLamby Fed-Heart-Disease: fedcohort vs FLamby")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=8, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=list(FLAMBY_SEEDS), help="default: FLamby's 42..46")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON path; the PNG goes next to it")
-    args = ap.parse_args(argv)
+    args = seeds_and_out(__doc__, DEFAULT_OUT, argv, jobs=True)
 
     import torch
 
@@ -278,14 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     designs = load_designs(base)
     batch = base.training.batch_size
     methods = method_list(designs, batch)
+    keys = [(m, seed) for m in methods for seed in args.seeds]
+    with progress_bar(len(keys)) as done:
+        outcomes = run_all(_run_task, [(m, base, designs, seed) for m, seed in keys],
+                           [f"{m.name} seed {seed}" for m, seed in keys], args.jobs, done)
     results: dict[str, list[SeedResult]] = {m.name: [] for m in methods}
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
-        task = bar.add_task("runs", total=len(methods) * len(args.seeds))
-        for m in methods:
-            for seed in args.seeds:
-                bar.update(task, description=f"{m.name} seed {seed}")
-                results[m.name].append(run_once(m, base, designs, seed))
-                bar.advance(task)
+    for (m, _), outcome in zip(keys, outcomes):
+        results[m.name].append(outcome)
 
     rows = {}
     for m in methods:
@@ -298,13 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         "flamby_reference": FLAMBY_REFERENCE,
         "bars": bars(rows),
         "notes": notes(POOLED_EPOCHS * math.ceil(n_train / batch), n_train, batch),
-        "generated_by": "bench/accuracy_heart.py",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "seconds": round(time.perf_counter() - started, 2),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out, "bench/accuracy_heart.py", started, torch=torch.__version__)
     print_table(rows)
     for name, b in report["bars"].items():
         print(f"bar {name}: measured {b['measured']:.4f}, target {b['target']} -> {'met' if b['met'] else 'NOT met'}")

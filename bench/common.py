@@ -7,14 +7,21 @@ exactly as the Flower apps do, minus the transport. Nothing here trains or aggre
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
+import multiprocessing
+import platform
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Iterator, Literal, TypeVar
 
 import numpy as np
 
 from coordinator.rounds import StudyState
 from policies.metrics import metrics_from_counts
+from policies.privacy import PrivacyPolicy
 from policies.study import StudySpec, load_study, shipped_study
 from policies.update import sum_vectors
 from silo_node.cohort import read_cohort
@@ -36,15 +43,20 @@ def base_study() -> StudySpec:
 
 def study_variant(
     base: StudySpec, *, seed: int, normalisation: Normalisation | None = None,
-    min_silos: int | None = None, private: bool = False, **training: Any,
+    min_silos: int | None = None, private: bool = False, privacy: PrivacyPolicy | None = None, **training: Any,
 ) -> StudySpec:
     """Copy of `base` with a seed, optional normalisation/min_silos and training overrides.
+
+    `private` keeps the shipped DP budget; `privacy` replaces it with another one. Encryption
+    is off (accuracy does not depend on it, see he_precision.py, which turns it back on).
 
     `model_copy(update=...)` skips validation on these frozen models; that is acceptable
     for a benchmark, and `policy_hash()` of the copy still identifies the variant.
     """
-    update: dict[str, Any] = {"seed": seed, "training": base.training.model_copy(update=training)}
-    if not private:
+    update: dict[str, Any] = {"seed": seed, "training": base.training.model_copy(update=training), "encryption": "none"}
+    if privacy is not None:
+        update["privacy"] = privacy
+    elif not private:
         update["privacy"] = "none"
     if normalisation is not None:
         update["features"] = base.features.model_copy(update={"normalisation": normalisation})
@@ -84,7 +96,7 @@ def silos_for(study: StudySpec, designs: dict[str, Design]) -> list[Silo]:
 def federate(study: StudySpec, silos: list[Silo]) -> StudyState:
     """Statistics round, then `rounds` training rounds: the coordinator only sums."""
     st = StudyState(study.id, study.policy_hash())
-    st.add_stats([s.stats_contribution() for s in silos])
+    st.add_stats([s.stats_contribution(nonce="bench-stats") for s in silos])
     for r in range(1, study.training.rounds + 1):
         st.add_round([s.train(r, st.stats_sum, st.aggregates, nonce=f"bench-{r}").update for s in silos])
     return st
@@ -108,10 +120,65 @@ def pyplot() -> Any:
     return plt
 
 
-def save_figure(fig: Any, path: Path) -> None:
-    """Lay out, write at the benchmarks' common resolution, and free the figure."""
+def seeds_and_out(doc: str, default_out: Path, argv: list[str] | None, jobs: bool = False) -> argparse.Namespace:
+    """The accuracy benchmarks' command line: --seeds (FLamby's by default), --out, optionally --jobs."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(FLAMBY_SEEDS), help="default: FLamby's 42..46")
+    ap.add_argument("--out", type=Path, default=default_out, help="JSON path; the PNG goes next to it")
+    if jobs:
+        ap.add_argument("--jobs", type=int, default=1, help="independent runs in this many processes")
+    return ap.parse_args(argv)
+
+
+@contextlib.contextmanager
+def progress_bar(total: int) -> Iterator[Callable[[str], None]]:
+    """A progress bar over `total` runs; yields done(description), called after each run."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
+        task = bar.add_task("runs", total=total)
+
+        def done(description: str) -> None:
+            bar.update(task, description=description)
+            bar.advance(task)
+
+        yield done
+
+
+def save_figure(fig: Any, path: Path) -> bool:
+    """Lay out, write as PNG and close a matplotlib figure; True, for `wrote ... and <png>`."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
+
+
+def write_report(report: dict[str, Any], out: Path, script: str, started: float, **versions: str) -> None:
+    """Add provenance (script, Python and library versions, seconds since `started`) and write the JSON."""
+    report.update({"generated_by": script, "python": platform.python_version(), **versions,
+                   "seconds": round(time.perf_counter() - started, 2)})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+Task = TypeVar("Task")
+Outcome = TypeVar("Outcome")
+
+
+def run_all(fn: Callable[[Task], Outcome], tasks: list[Task], labels: list[str], jobs: int,
+            done: Callable[[str], None]) -> list[Outcome]:
+    """fn over the tasks, in order, in `jobs` forked processes (1: this process).
+
+    For independent runs (own ledgers, own noise): parallelism changes wall time only.
+    `fn` must be a module-level function so the pool can send it.
+    """
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(multiprocessing.get_context("fork").Pool(jobs)) if jobs > 1 else None
+        outcomes = pool.imap(fn, tasks) if pool else map(fn, tasks)
+        out = []
+        for label, outcome in zip(labels, outcomes):
+            out.append(outcome)
+            done(label)
+        return out

@@ -19,6 +19,11 @@ class PrivacyPolicy(BaseModel):
     `epsilon` covers the whole study at one silo (all rounds), not one round: the silo
     calibrates its noise so that the planned rounds spend exactly this budget.
     `delta` should be well below 1/n for the smallest silo (a silo refuses otherwise).
+    `stats_budget_share` is the part of epsilon given up for the one noised release of the
+    pooled normalisation statistics (count, sums, sums of squares) before round 1: training
+    is calibrated as if the study's budget were epsilon * (1 - share), and the statistics
+    get the least noise that keeps statistics + all planned rounds within epsilon in the
+    same RDP accountant. Larger shares give cleaner statistics and noisier training.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -26,8 +31,16 @@ class PrivacyPolicy(BaseModel):
     epsilon: float = Field(gt=0)
     delta: float = Field(gt=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
+    stats_budget_share: float = Field(
+        0.2, gt=0, le=0.5,
+        description="share of epsilon for the noised normalisation statistics (0 < share <= 0.5)",
+    )
     sampling: Literal["poisson"] = "poisson"
     accountant: Literal["rdp"] = "rdp"
+
+    def training_epsilon(self) -> float:
+        """The budget training is calibrated to on its own: epsilon minus the statistics' share."""
+        return self.epsilon * (1.0 - self.stats_budget_share)
 
 
 class BudgetDecision(BaseModel):

@@ -13,7 +13,7 @@ Two engines run the same algorithm:
                (sigmoid(x.w + b) - y) * [x, 1], in numpy: no autograd, no hooks;
   "opacus"     Opacus' own GradSampleModule, DPOptimizer and DPDataLoader.
 tests/test_dp.py holds the vectorised engine to the Opacus one (same per-sample norms,
-clipped sums and trajectory without noise, same noise scale), and bench/dp_cost.py
+clipped sums and trajectory without noise, same noise scale), and bench/dp_overhead.py
 shows why the vectorised one is the default.
 
 Randomness: the Poisson sample and the noise must be unpredictable to anyone but the
@@ -56,6 +56,7 @@ class DPPlan:
     sample_rate: float
     steps_per_round: int
     rounds: int
+    stats_noise_multiplier: float | None = None  # the statistics release, when the plan includes one
 
 
 def sample_rate_for(batch_size: int, n_train: int) -> float:
@@ -96,6 +97,53 @@ def plan_for_silo(training: Training, privacy: PrivacyPolicy, n_train: int) -> D
     q = sample_rate_for(training.batch_size, n_train)
     sigma = noise_multiplier_for(privacy.epsilon, privacy.delta, q, training.rounds * training.local_steps)
     return DPPlan(noise_multiplier=sigma, sample_rate=q, steps_per_round=training.local_steps, rounds=training.rounds)
+
+
+STATS_SAMPLE_RATE = 1.0  # the statistics release reads every training row once: no subsampling
+STATS_STEPS = 1
+
+
+def stats_noise_multiplier_for(epsilon: float, delta: float, training_entry: HistoryEntry) -> float:
+    """Least noise multiplier for one full-data Gaussian release that, composed with the
+    planned training `(sigma, q, steps)` in one RDP accountant, keeps the total within epsilon.
+
+    Geometric bisection to 1e-4 relative; returns the feasible (larger) end, so the planned
+    study never needs the ledger's float tolerance. Raises PolicyError if no noise fits
+    (training alone already spends epsilon).
+    """
+    sigma, q, steps = training_entry
+    return _stats_sigma(float(epsilon), float(delta), (float(sigma), float(q), int(steps)))
+
+
+@lru_cache(maxsize=256)
+def _stats_sigma(epsilon: float, delta: float, training_entry: tuple[float, float, int]) -> float:
+    def fits(sigma: float) -> bool:
+        return epsilon_of([(sigma, STATS_SAMPLE_RATE, STATS_STEPS), training_entry], delta) <= epsilon
+
+    low, high = 1e-2, 1.0
+    while not fits(high):
+        low, high = high, high * 2.0
+        if high > 1e7:
+            raise PolicyError(f"no statistics noise fits epsilon {epsilon:g}: training alone spends it; "
+                              "raise privacy.stats_budget_share")
+    while high / low > 1.0 + 1e-4:
+        mid = (low * high) ** 0.5
+        low, high = (low, mid) if fits(mid) else (mid, high)
+    return high
+
+
+def plan_with_stats(training: Training, privacy: PrivacyPolicy, n_train: int) -> DPPlan:
+    """The silo's whole plan: one noised statistics release plus the planned rounds, within epsilon.
+
+    Training is calibrated to epsilon * (1 - stats_budget_share) alone (plan_for_silo), then
+    the statistics get the least noise that fits the rest of the budget in the same accountant:
+    composed, stats + all rounds spend at most epsilon.
+    """
+    training_budget = privacy.model_copy(update={"epsilon": privacy.training_epsilon()})
+    plan = plan_for_silo(training, training_budget, n_train)
+    entry = (plan.noise_multiplier, plan.sample_rate, training.rounds * training.local_steps)
+    sigma = stats_noise_multiplier_for(privacy.epsilon, privacy.delta, entry)
+    return DPPlan(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round, plan.rounds, sigma)
 
 
 def add_to_history(history: Sequence[Sequence[Any]], noise_multiplier: float, sample_rate: float, steps: int) -> list[HistoryEntry]:

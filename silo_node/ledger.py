@@ -18,6 +18,9 @@ Why each rule:
   - Charging the same (round, nonce, release) twice is free: a resent cached update
     releases nothing new. Any other release, including a retrain of a round already
     charged, costs again.
+  - The statistics round (round 0) is a release too: its charge (kind "stats") is in the
+    same history, and it keeps the release's noised row count, which the silo then uses
+    as its aggregation weight for the whole study (post-processing, no further cost).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ LEDGER_DIR = "ledger"
 INDEX_FILE = "index.json"
 SILO_CEILING_FILE = "silo_ceiling.json"
 LOCK_FILE = ".lock"
+STATS_ROUND = 0  # the statistics round's number in requests and in the ledger
 TOLERANCE = 1e-9  # epsilon compared with the budget: float noise must not refuse the planned last round
 FORMAT = 1
 SUPPORT = "the silo's IT / data-protection officer"
@@ -59,12 +63,13 @@ class Charge(_Plain):
     seq: int = Field(ge=1)
     round: int
     nonce: str
-    kind: Literal["release", "retrain"]
+    kind: Literal["release", "retrain", "stats"]
     noise_multiplier: float
     sample_rate: float
     steps: int = Field(ge=1)
     epsilon_after: float
     release_digest: str | None = None
+    released_count: float | None = None  # stats charges: the noised row count that was released
     ts: str
     prev: str
     hash: str
@@ -182,15 +187,19 @@ def genesis_hash(study_id: str, epsilon: float, delta: float) -> str:
     return hashlib.sha256(canonical_json(header).encode()).hexdigest()
 
 
-def _charge_hash(fields: dict[str, Any]) -> str:
-    return hashlib.sha256(canonical_json(fields).encode()).hexdigest()
+def _charge_hash(charge: Charge) -> str:
+    """sha256 over every field but the hash; an absent released_count is left out, so the
+    hashes of ledgers written before that field existed still verify."""
+    body = charge.model_dump(mode="json", exclude={"hash"})
+    if body.get("released_count") is None:
+        body.pop("released_count", None)
+    return hashlib.sha256(canonical_json(body).encode()).hexdigest()
 
 
 def _seal(**fields: Any) -> Charge:
     """A Charge whose hash covers its fields as they will be stored (validated first)."""
     draft = Charge(**fields, hash="")
-    body = draft.model_dump(mode="json", exclude={"hash"})
-    return draft.model_copy(update={"hash": _charge_hash(body)})
+    return draft.model_copy(update={"hash": _charge_hash(draft)})
 
 
 def _verify(state: LedgerState, study_id: str) -> None:
@@ -200,7 +209,7 @@ def _verify(state: LedgerState, study_id: str) -> None:
         problems.append(f"it belongs to study {state.study_id!r}")
     head, history = genesis_hash(state.study_id, state.epsilon, state.delta), []
     for i, c in enumerate(state.charges, start=1):
-        if c.seq != i or c.prev != head or _charge_hash(c.model_dump(mode="json", exclude={"hash"})) != c.hash:
+        if c.seq != i or c.prev != head or _charge_hash(c) != c.hash:
             problems.append(f"charge {i} breaks the hash chain")
             break
         head, history = c.hash, add_to_history(history, c.noise_multiplier, c.sample_rate, c.steps)
@@ -271,6 +280,10 @@ class PrivacyLedger:
     def spent(self) -> float:
         return epsilon_of(self.state.history, self.state.delta)
 
+    def released_count(self) -> float | None:
+        """The noised row count of this silo's first statistics release (None before it)."""
+        return next((c.released_count for c in self.state.charges if c.kind == "stats"), None)
+
     def head_at(self, seq: int) -> str:
         """The chain head after `seq` charges (the genesis hash for 0)."""
         if seq == 0:
@@ -301,7 +314,7 @@ class PrivacyLedger:
     # -- writing --
     def charge(
         self, round: int, nonce: str, noise_multiplier: float, sample_rate: float, steps: int,
-        *, release_digest: str | None = None,
+        *, release_digest: str | None = None, released_count: float | None = None,
     ) -> Charge:
         """Record a release durably, or return the charge already recorded for this release.
 
@@ -309,7 +322,8 @@ class PrivacyLedger:
         bytes) shows a different update: then, like a new nonce, it is a new release
         ("retrain" if the round was charged before). Refuses (PolicyError) a charge that
         would exceed the budget, and any charge it cannot make durable: in both cases the
-        update must not be sent.
+        update must not be sent. Round 0 is the statistics release (kind "stats"), which
+        records the noised count it released in `released_count`.
         """
         with _locked(self.state_dir):
             state = self._current_on_disk()
@@ -323,8 +337,8 @@ class PrivacyLedger:
             charge = _seal(
                 seq=state.seq + 1, round=round, nonce=nonce, noise_multiplier=noise_multiplier,
                 sample_rate=sample_rate, steps=steps, epsilon_after=decision.would_spend,
-                kind="retrain" if any(c.round == round for c in state.charges) else "release",
-                release_digest=release_digest, ts=_now(), prev=state.head,
+                kind=_kind(state, round), release_digest=release_digest, released_count=released_count,
+                ts=_now(), prev=state.head,
             )
             new = state.model_copy(update={
                 "history": add_to_history(state.history, noise_multiplier, sample_rate, steps),
@@ -408,7 +422,8 @@ def _decide(state: LedgerState, budget: float, noise_multiplier: float, sample_r
     spent = epsilon_of(state.history, state.delta)
     would = epsilon_of(add_to_history(state.history, noise_multiplier, sample_rate, steps), state.delta)
     allowed = would <= budget + TOLERANCE
-    what = "this round" if round_no is None else f"round {round_no}"
+    what = ("this round" if round_no is None else "the statistics release" if round_no == STATS_ROUND
+            else f"round {round_no}")
     whose = "this silo's budget" if state.ceiling is None or state.ceiling >= state.epsilon else "this silo's ceiling"
     w, b, s = _numbers(would, budget, spent)
     relation = "within" if allowed else "above"
@@ -422,6 +437,12 @@ def _numbers(would: float, budget: float, spent: float) -> tuple[str, str, str]:
     """Two decimals, unless that would print a refusal as '1.00 above 1.00'."""
     digits = 2 if f"{would:.2f}" != f"{budget:.2f}" or would == budget else 6
     return f"{would:.{digits}f}", f"{budget:.{digits}f}", f"{spent:.{digits}f}"
+
+
+def _kind(state: LedgerState, round_no: int) -> Literal["release", "retrain", "stats"]:
+    if round_no == STATS_ROUND:
+        return "stats"
+    return "retrain" if any(c.round == round_no for c in state.charges) else "release"
 
 
 def _same_release(state: LedgerState, round_no: int, nonce: str, digest: str | None) -> Charge | None:

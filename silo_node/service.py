@@ -120,8 +120,9 @@ def _with_reveal(silo, arrays: dict, out: dict) -> dict:
     return out
 
 
-def _stats(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
-    return {m.MOMENTS: silo.stats_contribution()}, None, None
+def _stats(silo, req: m.Request, arrays: dict) -> tuple[dict, None, dict | None]:
+    result = silo.release_stats(req.nonce)  # under DP: noised, and charged before it is returned
+    return {m.MOMENTS: result.moments}, None, result.privacy
 
 
 def _train(silo, req: m.Request, arrays: dict) -> tuple[dict, np.ndarray, dict | None]:

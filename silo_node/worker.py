@@ -20,10 +20,13 @@ from policies.metrics import silo_report
 from policies.study import StudySpec
 from policies.update import pack_update, unpack_sum
 from silo_node.cohort import read_cohort
-from silo_node.dp import DPPlan, dp_local_train, plan_for_silo
+from silo_node.dp import STATS_SAMPLE_RATE, STATS_STEPS, DPPlan, dp_local_train, plan_with_stats
 from silo_node.codec import CkksCodec, Codec, PlainCodec
-from silo_node.features import Design, build_design, feature_scales, moments, normalise, normaliser_from_moments
-from silo_node.ledger import PrivacyLedger
+from silo_node.features import (
+    Design, build_design, clipped_moments, feature_scales, moments, normalise, normaliser_from_moments, stat_bounds,
+)
+from silo_node.ledger import STATS_ROUND, Charge, PrivacyLedger
+from silo_node.stats_release import add_gaussian_noise, pooled_normaliser, released_count, weight_rows
 from silo_node.server_optimizer import replay
 from silo_node.training import derive_seed, evaluate, init_weights, local_train
 
@@ -32,6 +35,11 @@ class TrainResult(NamedTuple):
     update: np.ndarray  # encoded: plaintext float64 or CKKS ciphertext bytes
     counts: np.ndarray  # plaintext evaluation counts, for the silo's own suppressed report
     privacy: dict | None  # ledger head and spend after this round's charge (DP studies)
+
+
+class StatsResult(NamedTuple):
+    moments: np.ndarray  # encoded clipped (and, under DP, noised) moments
+    privacy: dict | None  # ledger head and spend after the statistics charge (DP studies)
 
 
 @dataclass
@@ -165,9 +173,32 @@ class Silo:
         return opened.sender_public, pins is not None
 
     # ---- round 0 ---------------------------------------------------------------
-    def stats_contribution(self) -> np.ndarray:
-        """Training-split moments for pooled normalisation (count, sums, sums of squares)."""
-        return self.codec.encode(moments(self.design.x_train), self._stats_scale())
+    def stats_contribution(self, nonce: str = "") -> np.ndarray:
+        """Training-split moments for pooled normalisation (count, sums, sums of squares), encoded."""
+        return self.release_stats(nonce).moments
+
+    def release_stats(self, nonce: str = "") -> StatsResult:
+        """The statistics round: moments of the rows clipped to the schema, noised and charged under DP.
+
+        Under DP the ledger decides before any noise is drawn, the noise comes from OS
+        entropy, and the charge (with the noised count, the silo's aggregation weight from
+        now on) is on disk before the encoded moments are returned, i.e. before they leave.
+        """
+        bounds = stat_bounds(self.study)
+        m = clipped_moments(self.design.x_train, bounds)
+        if self.study.dp is None:
+            return StatsResult(self.codec.encode(m, self._stats_scale()), None)
+        ledger, plan = self.ledger(), self.dp_plan()
+        sigma = plan.stats_noise_multiplier
+        decision = ledger.decide(sigma, STATS_SAMPLE_RATE, STATS_STEPS, round=STATS_ROUND)
+        if not decision.allowed:
+            raise PolicyError(decision.reason)
+        noised = add_gaussian_noise(m, bounds, sigma, np.random.default_rng())  # OS entropy, never the study seed
+        encoded = self.codec.encode(noised, self._stats_scale())  # bounds checked before anything is charged
+        charge = ledger.charge(STATS_ROUND, nonce, sigma, STATS_SAMPLE_RATE, STATS_STEPS,
+                               release_digest=hashlib.sha256(noised.tobytes()).hexdigest(),
+                               released_count=released_count(noised))
+        return StatsResult(encoded, self._privacy_report(ledger, charge, plan))
 
     # ---- the global model --------------------------------------------------------
     def _normaliser(self, stats_sum: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -179,7 +210,8 @@ class Silo:
             return normaliser_from_moments(moments(self.design.x_train))
         if stats_sum is None:
             raise PolicyError("pooled normalisation needs the statistics round's sum, which is missing")
-        return normaliser_from_moments(self.codec.decode(stats_sum, self._stats_scale()))
+        pooled = self.codec.decode(stats_sum, self._stats_scale())
+        return pooled_normaliser(pooled, stat_bounds(self.study), noised=self.study.dp is not None)
 
     def global_weights(self, aggregates: list[np.ndarray]) -> np.ndarray:
         """Rebuild the global model from the policy's init and every round's summed update."""
@@ -196,9 +228,24 @@ class Silo:
         return replay(self.study.training, init, means)
 
     def aggregation_weight(self) -> float:
+        """a_k / max_rows: 1 (uniform), else the training rows, or under DP the noised count released
+        in the statistics round (the exact count would reveal one patient's presence)."""
         if self.study.training.weighting == "uniform":
             return 1.0
-        return len(self.design.train_idx) / self.study.cohort.max_rows
+        if self.study.dp is None:
+            return len(self.design.train_idx) / self.study.cohort.max_rows
+        cohort = self.study.cohort
+        return weight_rows(self._released_count(), cohort.min_rows, cohort.max_rows) / cohort.max_rows
+
+    def _released_count(self) -> float:
+        """The noised count of this silo's statistics release; a silo that joined after the
+        statistics round makes (and is charged for) that release now, and sends only the update."""
+        count = self.ledger().released_count()
+        if count is None:
+            self.release_stats(nonce="late-join")
+            count = self.ledger().released_count()
+        assert count is not None
+        return count
 
     # ---- requests -----------------------------------------------------------------
     def train(self, round_no: int, stats_sum: np.ndarray | None, aggregates: list[np.ndarray],
@@ -224,28 +271,33 @@ class Silo:
         return PrivacyLedger.load(self.state_dir, self.study.id, policy_hash=self.study.policy_hash(), privacy=self.study.dp)
 
     def dp_plan(self) -> DPPlan:
-        return plan_for_silo(self.study.training, self.study.dp, len(self.design.train_idx))
+        """Statistics release plus planned rounds, calibrated together to the study's epsilon."""
+        return plan_with_stats(self.study.training, self.study.dp, len(self.design.train_idx))
+
+    def _privacy_report(self, ledger: PrivacyLedger, charge: Charge, plan: DPPlan) -> dict:
+        return {
+            "ledger_seq": charge.seq, "ledger_head": charge.hash, "epsilon_spent": charge.epsilon_after,
+            "epsilon_budget": ledger.budget(),
+            "rounds_left": ledger.rounds_left_at_rate(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round),
+        }
 
     def _dp_train(self, round_no: int, nonce: str, w: np.ndarray, x_train: np.ndarray, counts: np.ndarray,
                   witness: tuple[int, str] | None) -> TrainResult:
         ledger, plan = self.ledger(), self.dp_plan()
         if witness and witness[0]:
             ledger.check_witness(*witness)
+        weight = self.aggregation_weight()  # a late joiner's statistics charge comes first
+        ledger = self.ledger()
         decision = ledger.decide(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round, round=round_no)
         if not decision.allowed:
             raise PolicyError(decision.reason)
         # Noise from OS entropy, never from the study seed: the coordinator knows that seed.
         trained = dp_local_train(w, x_train, self.design.y_train, self.study.training, self.study.dp, plan.noise_multiplier)
-        update = pack_update(trained, self.aggregation_weight())
+        update = pack_update(trained, weight)
         encoded = self.codec.encode(update)  # bounds checked before anything is charged
         charge = ledger.charge(round_no, nonce, plan.noise_multiplier, plan.sample_rate, plan.steps_per_round,
                                release_digest=hashlib.sha256(update.tobytes()).hexdigest())
-        privacy = {
-            "ledger_seq": charge.seq, "ledger_head": charge.hash, "epsilon_spent": charge.epsilon_after,
-            "epsilon_budget": ledger.budget(),
-            "rounds_left": ledger.rounds_left_at_rate(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round),
-        }
-        return TrainResult(encoded, counts, privacy)
+        return TrainResult(encoded, counts, self._privacy_report(ledger, charge, plan))
 
     def evaluate(self, stats_sum: np.ndarray | None, aggregates: list[np.ndarray]) -> np.ndarray:
         mean, std = self._normaliser(stats_sum)
