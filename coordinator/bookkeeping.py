@@ -41,6 +41,7 @@ class StudyBook:
     def __init__(self, state_dir: Path, spec: StudySpec, yaml_text: str, audit: AuditLog, db_url: str | None = None):
         self.spec, self.audit = spec, audit
         self.fingerprints: dict[str, str] = {}  # the runner's view of enrolment keys (silo -> sha256)
+        self.validations: dict[str, dict] = {}  # silo -> counts-only validation report it sent
         self.store = open_store(db_url, state_dir)
         self.row = ensure_study(self.store, spec, yaml_text)
         if self.row.status in ("completed", "stopped"):
@@ -70,7 +71,8 @@ class StudyBook:
         the mismatch goes to the audit log for the study lead and auditors to see.
         """
         ceremony = "done" if self.spec.encryption == "ckks" else None
-        self.store.record_enrolment(self.spec.id, silo, "validated", key_ceremony=ceremony, version=self.spec.version)
+        self.store.record_enrolment(self.spec.id, silo, "validated", self.validations.get(silo), key_ceremony=ceremony,
+                                    version=self.spec.version)
         try:
             self.store.register_silo(silo, key_fingerprint=fingerprint)
         except PolicyError as exc:

@@ -62,6 +62,7 @@ class StudyRunner:
         self.not_admitted: set[int] = set()  # late nodes that could not join (no key, refused)
         self.context_bytes: bytes | None = None  # the keyless aggregator context (CKKS)
         self.fingerprints: dict[str, str] = {}  # silo -> sha256 of its enrolment public key
+        self.validations: dict[str, dict] = {}  # silo -> its counts-only validation report (statistics reply)
         self.next_nonces: dict[str, str] = {}  # silo -> nonce of the next train round (checkpointed)
         self.run_id: int | None = None  # this Flower run
 
@@ -288,6 +289,7 @@ class StudyRunner:
         self._require_quorum(ok, "statistics round")
         self.state.add_stats([a.arrays[m.MOMENTS] for a in ok])
         self.names = {a.node_id: a.reply.silo for a in ok}
+        self.validations = {a.reply.silo: v for a in ok if isinstance(v := a.reply.report_dict().get("validation"), dict)}
         return sorted(self.names)
 
     def _book_evaluations(self) -> None:
@@ -389,7 +391,7 @@ class StudyRunner:
                 nodes = self.resume(resume_from)
                 first = resume_from.round_no + 1
             if self.book:
-                self.book.fingerprints = self.fingerprints
+                self.book.fingerprints, self.book.validations = self.fingerprints, self.validations
                 self.book.start({self.names[n]: n for n in nodes})
             for r in range(first, self.study.training.rounds + 1):
                 if self.book:

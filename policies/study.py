@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from policies import PROTOCOL_VERSION
 from policies.ckks import CkksParams
@@ -77,7 +77,7 @@ class StudySpec(_Strict):
 
     protocol_version: int
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$")
-    name: str = Field(min_length=1, max_length=200, pattern=r"\S")  # shown to every silo's IT: never blank
+    name: str = Field(max_length=200)  # shown to every silo's IT: never blank (checked below)
     version: int = Field(1, ge=1)
     governance: Governance
     cohort: CohortSchema
@@ -92,6 +92,13 @@ class StudySpec(_Strict):
     ckks: CkksParams = CkksParams()
     privacy: Literal["none"] | PrivacyPolicy = "none"
     approval: Approval = Approval()
+
+    @field_validator("name")
+    @classmethod
+    def _named(cls, name: str) -> str:
+        if not name.strip():
+            raise ValueError("a study needs a name; it is empty")
+        return name
 
     @model_validator(mode="after")
     def _check(self) -> "StudySpec":
@@ -136,7 +143,7 @@ def _format_validation_error(source: str, exc: ValidationError) -> str:
     problems: dict[str, list[str]] = {}
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"] if not _is_union_branch(p)) or "(top level)"
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")  # our own checks' words, without pydantic's prefix
         if err["type"] == "extra_forbidden":
             msg = "unknown key (not part of the study policy format)"
         problems.setdefault(where, []).append(msg)

@@ -112,6 +112,7 @@ def _start(args: argparse.Namespace) -> int:
         approve(state_dir, study, [], "local-demo (trust on first use)")
     require_approval(state_dir, study)
     silo = Silo.from_cohort(args.name, study, args.cohort, state_dir=state_dir)
+    silo.validation = report.model_dump(mode="json", exclude={"file"}) | {"ok": report.ok}  # counts, no local path
     silo.warm_up()
     node_config = (
         f'silo-name="{args.name}" cohort-path="{Path(args.cohort).resolve()}" '

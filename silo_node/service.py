@@ -11,6 +11,7 @@ the silo owns.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import traceback
@@ -59,6 +60,8 @@ def handle(silo, log: AuditLog, kind: str, header: dict, arrays: dict[str, np.nd
         silo.check(req)
         out, counts, privacy = _WORK[kind](silo, req, arrays)
         reply, action = silo.reply(req, counts, privacy), f"{kind.split('.')[-1]}.replied"
+        if kind == m.STATS and getattr(silo, "validation", None):  # the study lead's Silos page shows it
+            reply = reply.model_copy(update={"report": json.dumps({"validation": silo.validation})})
         details = {"epsilon_spent": privacy["epsilon_spent"], "ledger_seq": privacy["ledger_seq"]} if privacy else {}
     except PolicyError as exc:
         out, reply = {}, m.refusal(req, silo.name, str(exc))

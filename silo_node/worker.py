@@ -50,6 +50,7 @@ class Silo:
     state_dir: Path | None = None  # ledger and keys live here; required for DP or CKKS studies
     _codec: Codec | None = field(default=None, repr=False)
     audit: Any = field(default=None, repr=False)  # the silo's own AuditLog, set by the service
+    validation: dict | None = None  # counts-only validation report, shared with the statistics reply
 
     @classmethod
     def from_cohort(cls, name: str, study: StudySpec, cohort: str | Path, state_dir: Path | None = None) -> "Silo":

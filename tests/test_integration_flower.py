@@ -205,6 +205,29 @@ def test_dp_spend_is_recorded_and_witnessed(dp_run):
     assert 0.5 < summary["pooled_test_accuracy"] <= 1.0
 
 
+def test_store_shows_each_silo_enrolment_validation_ceremony_and_connection(dp_run):
+    """What the Silos page reads comes from the real run: counts-only validation reports
+    (no local file path), key ceremony done, the node id, enrolment key and last contact."""
+    from coordinator.store import open_store
+
+    state, summary, _ = dp_run
+    study = load_study(state / "study.yaml")
+    store = open_store(None, state)
+    enrolments = {e.silo: e for e in store.list_enrolments(study.id, version=study.version)}
+    assert set(enrolments) == {"cleveland", "hungary", "switzerland", "va"}
+    for name, e in enrolments.items():
+        assert e.status == "validated" and e.key_ceremony == "done"
+        report = e.validation_report
+        assert report and report["ok"] is True and report["study_id"] == study.id
+        assert "file" not in report and str(state) not in json.dumps(report)
+        assert any(r["rule"] == "cohort.min_rows" and r["passed"] for r in report["results"])
+    assert any(not r["passed"] for r in enrolments["switzerland"].validation_report["results"])  # chol = 0 warns
+    silos = {s.name: s for s in store.list_silos()}
+    for name in enrolments:
+        assert silos[name].last_seen is not None and silos[name].flower_node_id is not None
+        assert len(silos[name].key_fingerprint or "") == 64
+
+
 def test_coordinator_never_holds_the_secret_key(dp_run):
     """The shipped study is CKKS: the ceremony ran, and no coordinator file holds secret-key bytes."""
     from policies.ckks import has_secret_key, load_context

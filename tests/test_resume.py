@@ -259,8 +259,11 @@ def test_coordinator_killed_after_round_2_resumes_without_double_charge(tmp_path
     for name in cohorts:
         silo_dir = state / "silos" / name
         ledger = json.loads((silo_dir / "ledger" / f"{STUDY_ID}.json").read_text())
-        charges = [(c["round"], c["nonce"], c["kind"]) for c in ledger["charges"]]
-        assert [c[0] for c in charges] == [1, 2, 3, 4], f"{name}: {charges}"
+        all_charges = [(c["round"], c["nonce"], c["kind"]) for c in ledger["charges"]]
+        assert [c for c in all_charges if c[2] == "stats"] == [c for c in all_charges if c[0] == 0], name
+        assert len([c for c in all_charges if c[2] == "stats"]) == 1, f"{name}: one statistics release: {all_charges}"
+        charges = [c for c in all_charges if c[0] > 0]
+        assert [c[0] for c in charges] == [1, 2, 3, 4], f"{name}: {all_charges}"
         assert {c[2] for c in charges} == {"release"}
         sent = [(e["subject"].rsplit("-", 1)[1], e["details"]["nonce"])
                 for e in _entries(silo_dir / "audit.jsonl") if e["action"] == "train.replied"]

@@ -248,7 +248,7 @@ def _probe(fed, name: str, *flags: str) -> str:
 
 @pytest.mark.slow
 def test_study_over_tls_admits_only_registered_silos(tmp_path: Path, sample_paths) -> None:
-    from coordinator.demo import _follow
+    from coordinator.demo import follow_run
     from coordinator.runtime import SiloSpec, local_federation
     from policies.study import load_study, shipped_study
     from silo_node.approval import approve
@@ -288,7 +288,7 @@ def test_study_over_tls_admits_only_registered_silos(tmp_path: Path, sample_path
         silos = {name: fed.start_silo(SiloSpec(name, sample_paths[name], study_path, state / "silos" / name))
                  for name in (*REGISTERED, ROGUE)}
         run_id = fed.submit({"study-path": str(study_path), "state-dir": str(state), "expected-silos": 3})
-        summary = _follow(fed, run_id, state / "coordinator" / "summary.json", time.time() + 900, None)
+        summary = follow_run(fed, run_id, state / "coordinator" / "summary.json", time.time() + 900, None)
         assert summary["status"] == "completed", summary.get("reason")
         assert sorted(summary["final"]["per_silo"]) == sorted(REGISTERED)
         assert all(sorted(r["replied"]) == sorted(REGISTERED) for r in summary["history"])

@@ -227,6 +227,9 @@ def test_lead_approves_the_waiting_round(state: Path, store: Store) -> None:
     at = on(app("lead"), "views/rounds.py")
     assert any(m.value.startswith("Round **2** of 4 waits for a decision: the coordinator holds it") for m in at.markdown)
     assert any("Will take part" in m.value and "va (connection: offline)" in m.value for m in at.markdown)
+    spend = next(d.value for d in at.dataframe if "after_next_round" in d.value.columns).set_index("silo")
+    # cleveland spent 0.2 then 0.4: the lead sees 0.6 if the next round costs what the last did
+    assert spend.loc["cleveland", "after_next_round"] == pytest.approx(0.6)
     at.text_area[0].input("metrics look fine").run()
     at.button(key="decide_approve").click().run()
     assert not at.exception and not at.error

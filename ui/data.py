@@ -295,14 +295,28 @@ def privacy_table(store: Store | None, study: StudyView, summary: Mapping[str, A
     latest: dict[str, dict[str, Any]] = {}
     if store is not None and study.in_store:
         for p in store.list_privacy_spend(study.id, version=study.version):  # ordered by silo, round
+            before = latest.get(p.silo, {}).get("epsilon_spent")
             latest[p.silo] = {"silo": p.silo, "round": p.round_no, "epsilon_spent": p.epsilon_spent_total,
-                              "epsilon_budget": p.epsilon_budget, "rounds_left": p.rounds_left}
+                              "epsilon_budget": p.epsilon_budget, "rounds_left": p.rounds_left,
+                              "after_next_round": next_round_estimate(before, p.epsilon_spent_total)}
     if not latest and summary:
         for h in summary.get("history") or []:
             for silo, p in (h.get("privacy") or {}).items():
                 latest[silo] = {"silo": silo, "round": h["round"], "epsilon_spent": p.get("epsilon_spent"),
                                 "epsilon_budget": p.get("epsilon_budget"), "rounds_left": p.get("rounds_left")}
     return pd.DataFrame(list(latest.values()))
+
+
+def next_round_estimate(before: float | None, spent: float | None) -> float | None:
+    """Epsilon after the next round if it costs what the last one did.
+
+    Only each silo's accountant knows the exact figure (and refuses a round that would
+    exceed its budget); under RDP composition a round costs no more than the one before,
+    so repeating the last increment is a cautious estimate for the lead deciding.
+    """
+    if spent is None or before is None:
+        return None
+    return spent + max(spent - before, 0.0)
 
 
 NOT_RECORDED = "not recorded"

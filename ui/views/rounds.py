@@ -31,7 +31,10 @@ def briefing(ctx: PageContext, study: data.StudyView) -> None:
         elif spend.empty:
             st.caption("No spend reported yet.")
         else:
-            st.dataframe(spend[["silo", "epsilon_spent", "epsilon_budget", "rounds_left"]], hide_index=True)
+            cols = [c for c in ("silo", "epsilon_spent", "after_next_round", "epsilon_budget", "rounds_left") if c in spend]
+            st.dataframe(spend[cols], hide_index=True)
+            st.caption("after_next_round: the spend if the next round costs what the last one did (an estimate; "
+                       "each silo's own accountant refuses a round that would exceed its budget).")
     enrolled = ctx.store.list_enrolments(study.id, version=study.version) if study.in_store else []
     silos = {s.name: s for s in ctx.store.list_silos()}
     taking_part = [f"{e.silo} (connection: {data.connection_state(silos.get(e.silo))})" for e in enrolled
