@@ -143,8 +143,8 @@ def _start(args: argparse.Namespace) -> int:
     finally:
         node.stop()
     if node.gave_up:
-        print("error: the SuperNode keeps exiting right after it starts; see its log above (a key the coordinator "
-              "has not registered shows 'Failed to activate SuperNode')", file=sys.stderr)
+        print("error: the SuperNode exited right after starting, again and again; see its log above (a key the "
+              "coordinator has not registered shows 'Failed to activate SuperNode')", file=sys.stderr)
         return 1
     return 0
 
