@@ -112,6 +112,24 @@ def test_the_planned_study_fits_and_one_more_round_is_refused(tmp_path: Path) ->
     assert not ledger.decide(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round).allowed
 
 
+def test_a_budget_for_exactly_two_rounds_trains_two_and_refuses_the_third(tmp_path: Path) -> None:
+    probe = _open(tmp_path / "probe")
+    _charge(probe, 1)
+    _charge(probe, 2)
+    two_rounds = probe.spent()  # what two rounds cost under this accountant, to set the budget
+    privacy = PrivacyPolicy(epsilon=two_rounds * (1 + 1e-9), delta=POLICY.delta)
+    ledger = _open(tmp_path / "silo", privacy=privacy)
+    for r in (1, 2):
+        assert ledger.decide(SIGMA, Q, STEPS, round=r).allowed
+        _charge(ledger, r)
+    third = ledger.decide(SIGMA, Q, STEPS, round=3)
+    assert not third.allowed
+    assert "round 3" in third.reason and f"{third.spent:.2f}" in third.reason and f"{third.budget:.2f}" in third.reason
+    with pytest.raises(PolicyError, match="above"):
+        _charge(ledger, 3)
+    assert _open(tmp_path / "silo", privacy=privacy).seq == 2
+
+
 def test_refusal_over_budget_says_spent_would_spend_and_budget(tmp_path: Path) -> None:
     ledger = _open(tmp_path, privacy=PrivacyPolicy(epsilon=0.3, delta=1e-3))
     r = 1
