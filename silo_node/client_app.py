@@ -35,39 +35,15 @@ def _relay(msg: Message, context: Context, kind: str) -> Message:
     return Message(content, reply_to=msg)
 
 
-@app.query("enrol")
-def enrol(msg: Message, context: Context) -> Message:
-    return _relay(msg, context, m.ENROL)
+def _relay_to_service(kind: str):
+    """One Flower handler per message type, all relaying to the silo's service."""
+    def handler(msg: Message, context: Context) -> Message:
+        return _relay(msg, context, kind)
+    return handler
 
 
-@app.query("keygen")
-def keygen(msg: Message, context: Context) -> Message:
-    return _relay(msg, context, m.KEYGEN)
-
-
-@app.query("keyshare")
-def keyshare(msg: Message, context: Context) -> Message:
-    return _relay(msg, context, m.KEYSHARE)
-
-
-@app.query("keyrecv")
-def keyrecv(msg: Message, context: Context) -> Message:
-    return _relay(msg, context, m.KEYRECV)
-
-
-@app.query("stats")
-def stats(msg: Message, context: Context) -> Message:
-    return _relay(msg, context, m.STATS)
-
-
-@app.query("reveal")
-def reveal(msg: Message, context: Context) -> Message:
-    return _relay(msg, context, m.REVEAL)
-
-
-@app.query("close")
-def close(msg: Message, context: Context) -> Message:
-    return _relay(msg, context, m.CLOSE)
+for _kind in (m.ENROL, m.KEYGEN, m.KEYSHARE, m.KEYRECV, m.STATS, m.REVEAL, m.CLOSE):
+    app.query(_kind.removeprefix("query."))(_relay_to_service(_kind))
 
 
 @app.train()

@@ -37,7 +37,12 @@ def _create(ctx: PageContext, text: str, study_id: str, name: str) -> None:
     except PolicyError as exc:
         refused(exc)
         return
-    flash(f"Created {row.label} (draft), policy hash {row.policy_hash}")
+    _show(row, f"Created {row.label} (draft), policy hash {row.policy_hash}")
+
+
+def _show(row, message: str) -> None:
+    """After a write: say what changed and open that study version on the next run."""
+    flash(message)
     st.session_state[NEXT_STUDY] = f"{row.id}@{row.version}"
     st.rerun()
 
@@ -125,9 +130,7 @@ def settings_form(ctx: PageContext, study: data.StudyView, spec: StudySpec) -> N
     except PolicyError as exc:
         refused(exc)
         return
-    flash(f"Saved {row.label}: new policy hash {row.policy_hash}")
-    st.session_state[NEXT_STUDY] = f"{row.id}@{row.version}"
-    st.rerun()
+    _show(row, f"Saved {row.label}: new policy hash {row.policy_hash}")
 
 
 def lifecycle(ctx: PageContext, study: data.StudyView) -> None:
