@@ -32,6 +32,7 @@ import fcntl
 import hashlib
 import io
 import json
+import operator
 import os
 import re
 import zipfile
@@ -705,7 +706,7 @@ class _Chain:
         return f"entry {n}: prev_hash does not match entry {n - 1}'s hash (entry removed or reordered?)"
 
     def _content(self, n: int, e: AuditEntry) -> str:
-        if entry_hash({name: getattr(e, name) for name in HASHED_FIELDS}) == e.hash:
+        if entry_hash(e.__dict__) == e.hash:  # the model's field values (entry_hash picks HASHED_FIELDS)
             return ""
         return f"entry {n}: hash does not match its content (edited?)"
 
@@ -921,14 +922,24 @@ def _csv_bytes(flats: list[dict[str, Any]]) -> bytes:
     return buf.getvalue().encode("utf-8")
 
 
-def _parquet_bytes(flats: list[dict[str, Any]]) -> bytes:
-    import pyarrow as pa  # lazy: only exports need it
+def _entry_columns(entries: list[AuditEntry]) -> dict[str, Any]:
+    """The entries as Arrow arrays in COLUMNS order (``details`` as canonical JSON, as in
+    ``flat()``): the Parquet copy is written from these and both copies are checked against
+    them, column by column instead of row by row."""
+    import pyarrow as pa  # lazy: only exports and bundle checks need it
+
+    rows = map(operator.attrgetter(*COLUMNS), entries)  # C-level transpose: 100k entries in ~0.1 s
+    columns = dict(zip(COLUMNS, zip(*rows))) if entries else {name: () for name in COLUMNS}
+    columns["details"] = tuple(canonical_json(details) for details in columns["details"])
+    return {name: pa.array(columns[name], pa.int64() if name == "seq" else pa.string()) for name in COLUMNS}
+
+
+def _parquet_bytes(columns: dict[str, Any]) -> bytes:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([(name, pa.int64() if name == "seq" else pa.string()) for name in COLUMNS])
-    table = pa.Table.from_pylist(flats, schema=schema)
     buf = io.BytesIO()
-    pq.write_table(table, buf)
+    pq.write_table(pa.table(columns), buf)
     return buf.getvalue()
 
 
@@ -1008,8 +1019,11 @@ def export_bundle(
     entries = _parse_log_bytes(data, str(log_path))
     keys = _manifest_keys(public_keys)
     party = party or log_path.stem
-    flats = [e.flat() for e in entries]
-    files = {"audit.jsonl": data, "audit.csv": _csv_bytes(flats), "audit.parquet": _parquet_bytes(flats)}
+    files = {
+        "audit.jsonl": data,
+        "audit.csv": _csv_bytes([e.flat() for e in entries]),
+        "audit.parquet": _parquet_bytes(_entry_columns(entries)),
+    }
     manifest = _build_manifest(party, entries, keys, files, verify(entries, public_keys))
     files[MANIFEST] = (json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n").encode()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1092,29 +1106,103 @@ def _first_diff(name: str, got: list[Any], want: list[Any]) -> list[str]:
     return []
 
 
+# _csv_cell's test as an RE2 pattern, for whole Arrow columns at once
+_FORMULA_PATTERN = "^[" + "".join(f"\\x{ord(c):02x}" for c in _FORMULA_START) + "]"
+
+
+def _csv_cells(column: Any) -> Any:
+    """``_csv_cell`` over a whole Arrow column (computed in C++, without the GIL)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    text = column if column.type == pa.string() else pc.cast(column, pa.string())
+    formula = pc.match_substring_regex(text, _FORMULA_PATTERN)
+    return pc.if_else(formula, pc.binary_join_element_wise("'", text, ""), text)
+
+
+def _same_columns(table: Any, want: dict[str, Any]) -> bool:
+    """Same column names in COLUMNS order, and each column equal (type and every value)."""
+    import pyarrow as pa
+
+    if tuple(table.column_names) != COLUMNS:
+        return False
+    return all(table.column(name).equals(pa.chunked_array([want[name]])) for name in COLUMNS)
+
+
+def _csv_copy_matches(data: bytes, want: dict[str, Any]) -> bool:
+    """Fast path: pyarrow parses the CSV as text cells (no type or null guessing, no skipped
+    lines) and every column must equal the cells this tool writes. False means "look closer"
+    (the row-by-row check decides), never "fine"."""
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+
+    if data.startswith(b"\xef\xbb\xbf"):  # a BOM is part of the first header cell for csv.reader
+        return False
+    options = pa_csv.ConvertOptions(
+        column_types={name: pa.string() for name in COLUMNS}, null_values=[],
+        strings_can_be_null=False, quoted_strings_can_be_null=False, check_utf8=True,
+    )
+    try:
+        table = pa_csv.read_csv(
+            pa.BufferReader(data),
+            parse_options=pa_csv.ParseOptions(newlines_in_values=True, ignore_empty_lines=False),
+            convert_options=options,
+        )
+    except (pa.ArrowException, ValueError):  # ragged rows, bad UTF-8, empty file: decided row by row
+        return False
+    return _same_columns(table, {name: _csv_cells(want[name]) for name in COLUMNS})
+
+
+def _parquet_copy_matches(data: bytes, want: dict[str, Any]) -> bool:
+    """Fast path for the Parquet copy: same schema and values as the JSONL's columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except Exception:  # pyarrow raises several types for damaged files: decided row by row
+        return False
+    return _same_columns(table, want)
+
+
+def _csv_copy_problems(data: bytes, flats: list[dict[str, Any]]) -> list[str]:
+    """Row by row, as csv.reader sees the file: names the first row that differs."""
+    try:
+        rows = list(csv.reader(io.StringIO(data.decode("utf-8"))))
+    except (UnicodeDecodeError, csv.Error):
+        return ["audit.csv: not readable as UTF-8 CSV"]
+    header, body = (rows[0], rows[1:]) if rows else ([], [])
+    if tuple(header) != COLUMNS:
+        return ["audit.csv: unexpected columns"]
+    return _first_diff("audit.csv", body, _csv_rows(flats))
+
+
+def _parquet_copy_problems(data: bytes, flats: list[dict[str, Any]]) -> list[str]:
+    """Row by row, as Python values: names the first row that differs."""
+    try:
+        rows = _parquet_rows(data)
+    except Exception:  # pyarrow raises several types for damaged files
+        return ["audit.parquet: not readable as Parquet"]
+    return _first_diff("audit.parquet", rows, flats)
+
+
 def _copy_problems(files: dict[str, bytes], entries: list[AuditEntry]) -> list[str]:
     """The spreadsheet copies are not signed: they are trusted only if they match the JSONL.
 
-    A CSV byte-identical to the one this tool would write matches row for row, so only a CSV
-    that differs (re-saved by a spreadsheet, or edited) is parsed and compared row by row."""
-    problems = []
-    flats = [e.flat() for e in entries]
-    if "audit.csv" in files and files["audit.csv"] != _csv_bytes(flats):
-        try:
-            rows = list(csv.reader(io.StringIO(files["audit.csv"].decode("utf-8"))))
-            header, body = (rows[0], rows[1:]) if rows else ([], [])
-            if tuple(header) != COLUMNS:
-                problems.append("audit.csv: unexpected columns")
-            else:
-                problems += _first_diff("audit.csv", body, _csv_rows(flats))
-        except (UnicodeDecodeError, csv.Error):
-            problems.append("audit.csv: not readable as UTF-8 CSV")
-    if "audit.parquet" in files:
-        try:
-            rows = _parquet_rows(files["audit.parquet"])
-            problems += _first_diff("audit.parquet", rows, flats)
-        except Exception:  # pyarrow raises several types for damaged files
-            problems.append("audit.parquet: not readable as Parquet")
+    Each copy is first compared column by column in Arrow (C++ that releases the GIL, so the
+    signature threads keep running); only a copy that differs there, or that Arrow cannot
+    read, is compared row by row in Python, which names the first differing row."""
+    problems: list[str] = []
+    want = _entry_columns(entries)
+    checks = (
+        ("audit.csv", _csv_copy_matches, _csv_copy_problems),
+        ("audit.parquet", _parquet_copy_matches, _parquet_copy_problems),
+    )
+    flats: list[dict[str, Any]] | None = None
+    for name, matches, row_problems in checks:
+        if name in files and not matches(files[name], want):
+            flats = flats if flats is not None else [e.flat() for e in entries]
+            problems += row_problems(files[name], flats)
     return problems
 
 
