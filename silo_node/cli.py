@@ -4,6 +4,8 @@
   silo-node start --study STUDY.yaml --cohort FILE.parquet --state-dir DIR --superlink HOST:PORT --name NAME
   silo-node certs request --state-dir DIR        (SuperNode key; send node-auth.pub to the coordinator)
   silo-node certs trust CA.crt --state-dir DIR   (the study CA the coordinator sent)
+  silo-node backup --state-dir DIR --out FILE (--passphrase-file F | --passphrase-stdin | --key-file F)
+  silo-node restore --in FILE --state-dir DIR (same key options) [--force]
 """
 
 from __future__ import annotations
@@ -202,6 +204,47 @@ def _audit_verify(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _backup_secret(args: argparse.Namespace):
+    """Exactly one of --passphrase-file, --passphrase-stdin, --key-file (argparse enforces one)."""
+    from silo_node.backup import key_from_file, passphrase_from_file, passphrase_from_text
+
+    if args.key_file:
+        return key_from_file(Path(args.key_file))
+    if args.passphrase_file:
+        return passphrase_from_file(Path(args.passphrase_file))
+    return passphrase_from_text(sys.stdin.readline())
+
+
+def _backup(args: argparse.Namespace) -> int:
+    """Encrypted archive of this silo's keys, ledgers, approvals, outbox and audit log."""
+    from silo_node.backup import backup
+
+    result = backup(Path(args.state_dir), Path(args.out), _backup_secret(args), actor=args.user)
+    print(f"backup written: {result.path} ({result.size} bytes, {result.files} files, mode 0600)")
+    print(f"sha256 {result.sha256} (recorded in this silo's audit log)")
+    for study, head in sorted(result.ledgers.items()):
+        print(f"  privacy ledger {study}: {head['seq']} charges")
+    for rel, why in sorted(result.skipped.items()):
+        print(f"  not backed up: {rel} ({why})")
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    """Put a backup back; an older one than the coordinator witnessed makes the silo refuse to train."""
+    from silo_node.backup import restore
+
+    result = restore(Path(args.in_file), Path(args.state_dir), _backup_secret(args), force=args.force, actor=args.user)
+    print(f"restored {result.files} files into {result.state_dir} from a backup made {result.created_at}")
+    if result.replaced is not None:
+        print(f"the state that was there is kept in {result.replaced} (it may hold newer ledgers: keep it until "
+              f"the silo trains again)")
+    for study, head in sorted(result.ledgers.items()):
+        print(f"  privacy ledger {study}: {head.get('seq')} charges")
+    print("If the coordinator witnessed more charges than these, this silo refuses to train in those studies "
+          "(the ledger never goes backwards): restore a newer backup, see README 'Backup and restore'.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="silo-node", description="fedcohort silo node (runs at the hospital)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -258,7 +301,27 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--state-dir", required=True)
     ct.add_argument("--replace", action="store_true", help="replace a different CA already installed")
     ct.set_defaults(func=_certs_trust)
+    _add_backup_commands(sub)
     return parser
+
+
+def _add_backup_commands(sub: argparse._SubParsersAction) -> None:
+    for name, what in (("backup", "write an encrypted archive of this silo's state (keys, ledgers, audit log)"),
+                       ("restore", "put a backup back into a state directory (refuses a wrong key or altered archive)")):
+        b = sub.add_parser(name, help=what)
+        b.add_argument("--state-dir", required=True)
+        if name == "backup":
+            b.add_argument("--out", required=True, help="archive file to create (never overwritten)")
+        else:
+            b.add_argument("--in", dest="in_file", required=True, help="archive file written by `silo-node backup`")
+            b.add_argument("--force", action="store_true",
+                           help="replace a non-empty state directory (it is moved aside, not deleted)")
+        key = b.add_mutually_exclusive_group(required=True)
+        key.add_argument("--passphrase-file", help="file (mode 0600) whose first line is the passphrase (scrypt)")
+        key.add_argument("--passphrase-stdin", action="store_true", help="read the passphrase from standard input")
+        key.add_argument("--key-file", help="file (mode 0600) with a 32-byte key (raw or hex)")
+        b.add_argument("--user", default="silo-it", help="who runs it (recorded in the audit log)")
+        b.set_defaults(func=_backup if name == "backup" else _restore)
 
 
 def main(argv: list[str] | None = None) -> int:
