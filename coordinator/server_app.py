@@ -105,7 +105,7 @@ class StudyRunner:
         if self.transport == "send-and-receive":  # Flower's stock path (3-second ticks), for comparison
             replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
             decoded = {rep.metadata.src_node_id: self._decode(rep.metadata.src_node_id, rep, requests[rep.metadata.src_node_id])
-                       for rep in replies}
+                       for rep in replies if rep.metadata.src_node_id in requests}  # not the SuperLink's own errors
             return _split(decoded, nodes)
         ids = dict(zip(self.grid.push_messages(msgs), nodes))
         pending, decoded = set(ids), {}

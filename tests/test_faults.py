@@ -14,7 +14,8 @@ key ceremony is needed), and one fault at one silo:
 
 The ServerApp's approval gate holds the round after the fault until the test has set it
 up (the lead approves in the store, as the web UI does); the SuperLink's heartbeat, not
-the test, tells the coordinator a killed silo is gone.
+the test, tells the coordinator a killed silo is gone. The fast tests at the end check the
+same silo-side rules on the real request handler without a federation.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from policies.study import load_study, shipped_study
 from silo_node.ledger import PrivacyLedger
 from tests.test_resume import _entries, _wait
 
-pytestmark = pytest.mark.slow
 STUDY_ID = "heart-disease"
 SILOS = ("cleveland", "hungary", "va")
 REPLY_TIMEOUT = 150  # seconds the coordinator waits for a round's replies (a dead node is known sooner)
@@ -142,6 +142,7 @@ def _kill_node(proc: Process) -> None:
 # ---- 1. a silo killed mid-round ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_silo_killed_mid_round_rest_finish_it_rejoins_and_its_spend_is_accounted(tmp_path):
     """DP study, 3 rounds (round 3 waits for the lead). va is SIGKILLed the moment its round-2
     charge is on disk. Round 2 completes with cleveland and hungary; `silo-node start` brings
@@ -213,6 +214,7 @@ def _replied(state_dir: Path, kind: str, round_no: int) -> bool:
 # ---- 2. a silo whose clock is off ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_silo_with_clock_three_hours_ahead_trains_and_the_audit_keeps_both_times(tmp_path):
     """va's whole node (service, SuperNode, ClientApps) runs under libfaketime at +3 h.
     Freshness comes from nonces, so it trains every round; its audit entries carry its own
@@ -247,6 +249,7 @@ def _parse(ts: str) -> datetime:
 # ---- 3. a silo whose disk is full when it writes its ledger -------------------------------------
 
 
+@pytest.mark.slow
 def test_silo_with_full_disk_refuses_sends_nothing_and_spends_nothing(tmp_path):
     """va's state directory is a 16 MB tmpfs and its ledger directory a 1 MB tmpfs inside it,
     mounted in va's own mount namespace (`unshare --mount`; the test reaches them through
@@ -321,6 +324,7 @@ def _fill(path: Path) -> None:
 # ---- 4. a silo whose cohort file changes between rounds -----------------------------------------
 
 
+@pytest.mark.slow
 def test_silo_whose_cohort_changes_refuses_until_the_file_is_restored(tmp_path):
     """hungary's cohort file loses 10 rows after round 1: round 2 is refused at hungary by its
     fingerprint check (a reason with short fingerprints, no path, no value) and goes on with the
@@ -355,3 +359,73 @@ def test_silo_whose_cohort_changes_refuses_until_the_file_is_restored(tmp_path):
     coordinator_log = _entries(tmp_path / "coordinator" / "audit.jsonl")
     finished = [e["details"] for e in coordinator_log if e["action"] == "round.finished"]
     assert "hungary" in finished[1]["refused"] and "hungary" in finished[2]["replied"]
+
+
+# ---- the same rules at the request handler, fast --------------------------------------------------
+
+
+@pytest.fixture
+def dp_silo(tmp_path, heart_study, sample_paths):
+    """A DP silo as the service holds it (real cohort file, ledger and audit log), plaintext updates."""
+    from policies.audit import open_party_log
+    from silo_node.worker import Silo
+
+    data = heart_study.model_dump(mode="json")
+    data["encryption"] = "none"
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    cohort = tmp_path / "va.parquet"
+    shutil.copyfile(sample_paths["va"], cohort)
+    silo = Silo.from_cohort("va", load_study(tmp_path / "study.yaml"), cohort, state_dir=tmp_path / "va")
+    silo.audit = open_party_log(silo.state_dir, "va", "silo")
+    return silo
+
+
+def _request(silo, round_no: int, nonce: str, audit_seq: int = 0) -> dict:
+    from policies import messages as m
+
+    return m.Request(study_id=silo.study.id, policy_hash=silo.study.policy_hash(), round=round_no, nonce=nonce,
+                     sent_at="2026-01-01T00:00:00Z", audit_seq=audit_seq, audit_head="ab" * 32).model_dump()
+
+
+def test_a_silo_that_cannot_write_its_audit_log_sends_only_the_refusal(dp_silo):
+    """The audit log on /dev/full (every write: ENOSPC). A request carries the coordinator's
+    audit head, which the silo logs first: that fails, so the request is refused before any
+    work, nothing is charged, nothing leaves but the refusal, and the refusal says why."""
+    from policies import messages as m
+    from policies.audit import AuditLog
+    from silo_node.service import handle
+
+    full = AuditLog("/dev/full", dp_silo.audit.key, "va", "silo")
+    reply, out = handle(dp_silo, full, m.STATS, _request(dp_silo, 0, "n0", audit_seq=7), {})
+    assert reply["status"] == "refused" and out == {}
+    assert "cannot write its audit log" in reply["reason"] and "No space left on device" in reply["reason"]
+    assert "nothing sent" in reply["reason"]
+    assert not PrivacyLedger.path_for(dp_silo.state_dir, STUDY_ID).exists(), "charged without an audit record"
+
+
+def test_a_changed_cohort_is_refused_until_restored(dp_silo):
+    from policies import messages as m
+    from silo_node.service import handle
+
+    original = dp_silo.cohort.path.read_bytes()
+    table = pq.read_table(dp_silo.cohort.path)
+    pq.write_table(table.slice(0, table.num_rows - 1), dp_silo.cohort.path)
+    reply, out = handle(dp_silo, dp_silo.audit, m.STATS, _request(dp_silo, 0, "n0"), {})
+    assert reply["status"] == "refused" and out == {} and "cohort file changed" in reply["reason"]
+    assert dp_silo.cohort.sha256[:12] in reply["reason"] and "parquet" not in reply["reason"]
+    assert not PrivacyLedger.path_for(dp_silo.state_dir, STUDY_ID).exists(), "a refused round spent something"
+    dp_silo.cohort.path.write_bytes(original)
+    reply, out = handle(dp_silo, dp_silo.audit, m.STATS, _request(dp_silo, 0, "n1"), {})
+    assert reply["status"] == "ok" and m.MOMENTS in out
+
+
+def test_charges_never_recorded_as_sent_are_logged_released_but_lost_once(dp_silo):
+    from silo_node.service import UNSENT_ACTION, record_unsent_charges
+
+    result = dp_silo.release_stats("n0")  # charged; the service was "killed" before it replied
+    record_unsent_charges(dp_silo, dp_silo.audit)
+    record_unsent_charges(dp_silo, dp_silo.audit)  # a second restart records nothing new
+    lost = [e for e in dp_silo.audit.entries() if e.action == UNSENT_ACTION]
+    assert [(e.details["ledger_seq"], e.details["nonce"], e.details["kind"]) for e in lost] == \
+        [(result.privacy["ledger_seq"], "n0", "stats")]
+    assert lost[0].details["epsilon_after"] == pytest.approx(dp_silo.ledger().spent(), rel=1e-12)
