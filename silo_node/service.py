@@ -197,13 +197,17 @@ def serve(state_dir: Path, silo, stop: Callable[[], bool] = lambda: False) -> No
             except (OSError, EOFError):
                 continue
             with conn:
+                header: object = {}
                 try:
                     kind, header, arrays = conn.recv()
                     key = (kind, int(header.get("round", -1)), str(header.get("nonce", "")))
                     reply = outbox.get(key)
                     if reply is None:
                         reply = handle(silo, log, kind, header, arrays)
-                        outbox.put(key, reply)  # a train reply is on disk before it leaves
+                        try:
+                            outbox.put(key, reply)  # a train reply is on disk before it leaves
+                        except PolicyError as exc:  # e.g. a full disk: it must not leave
+                            reply = _unsent(log, reply, str(exc))
                     else:  # a resend of the same request costs nothing
                         log.append("request.resent", f"{header.get('study_id')}/round-{key[1]}",
                                    {"kind": kind, "nonce": key[2], "answered_from": "outbox: nothing recomputed or charged"})
@@ -214,6 +218,24 @@ def serve(state_dir: Path, silo, stop: Callable[[], bool] = lambda: False) -> No
                     # the traceback stays in this silo's own log; the coordinator gets the type only
                     traceback.print_exc()
                     conn.send(_failure(silo.name, header if isinstance(header, dict) else {}, exc))
+
+
+def _unsent(log: AuditLog, payload: Payload, why: str) -> Payload:
+    """A reply that could not be kept for resends is not sent: a refusal goes instead, and a
+    charge it carried is recorded as released-but-lost (best effort: the disk may be full)."""
+    reply = m.Reply.model_validate(payload[0])
+    if reply.ledger_seq:
+        try:
+            log.append(UNSENT_ACTION, f"{reply.study_id}/round-{reply.round}", {
+                "ledger_seq": reply.ledger_seq, "nonce": reply.nonce, "epsilon_after": reply.epsilon_spent,
+                "why": "the reply could not be kept on disk before sending; the spend stands"})
+        except PolicyError:
+            pass  # record_unsent_charges cannot tell this one apart: its train.replied entry exists
+    refused = reply.model_copy(update={
+        "status": "refused", "reason": f"could not keep the reply on disk before sending ({why[:300]}): nothing sent",
+        "report": "{}", "ledger_seq": 0, "ledger_head": "", "epsilon_spent": None, "epsilon_budget": None,
+        "rounds_left": None})
+    return refused.model_dump(), {}
 
 
 def _failure(name: str, header: dict, exc: Exception) -> Payload:

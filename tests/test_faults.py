@@ -47,7 +47,8 @@ from tests.test_resume import _entries, _wait
 STUDY_ID = "heart-disease"
 SILOS = ("cleveland", "hungary", "va")
 REPLY_TIMEOUT = 150  # seconds the coordinator waits for a round's replies (a dead node is known sooner)
-LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1")  # Debian's libfaketime
+LIBFAKETIME = next(iter(sorted(Path("/usr/lib").glob("*/faketime/libfaketimeMT.so.1"))),
+                   Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"))  # Debian's libfaketime
 
 
 def _study(tmp_path: Path, *, rounds: int, auto_rounds: int, private: bool) -> Path:
@@ -221,7 +222,7 @@ def test_silo_with_clock_three_hours_ahead_trains_and_the_audit_keeps_both_times
     time and the coordinator's request time side by side."""
     assert LIBFAKETIME.exists(), f"{LIBFAKETIME} missing: apt-get install libfaketime (.ci/run installs it)"
     study_path = _study(tmp_path, rounds=2, auto_rounds=2, private=False)
-    shifted = ["env", f"LD_PRELOAD={LIBFAKETIME}", "FAKETIME=+3h", "FAKETIME_DONT_FAKE_MONOTONIC=1"]
+    shifted = ["env", f"LD_PRELOAD={LIBFAKETIME}", "FAKETIME=+3h"]  # monotonic shifts too: a constant offset
     with _federation(tmp_path) as fed:
         procs = {n: fed.start_silo(_spec(tmp_path, n, study_path), wrapper=shifted if n == "va" else ())
                  for n in SILOS}
@@ -429,3 +430,19 @@ def test_charges_never_recorded_as_sent_are_logged_released_but_lost_once(dp_sil
     assert [(e.details["ledger_seq"], e.details["nonce"], e.details["kind"]) for e in lost] == \
         [(result.privacy["ledger_seq"], "n0", "stats")]
     assert lost[0].details["epsilon_after"] == pytest.approx(dp_silo.ledger().spent(), rel=1e-12)
+
+
+def test_a_reply_that_cannot_be_kept_for_resends_is_not_sent_and_its_charge_is_lost(dp_silo):
+    """The outbox write (before a reply leaves) fails: a refusal goes instead, and the charge
+    the reply carried is recorded as released-but-lost at once (not again at the next start)."""
+    from policies import messages as m
+    from silo_node.service import UNSENT_ACTION, _unsent, handle, record_unsent_charges
+
+    payload = handle(dp_silo, dp_silo.audit, m.STATS, _request(dp_silo, 0, "n0"), {})
+    assert payload[0]["status"] == "ok" and payload[0]["ledger_seq"] == 1
+    reply, out = _unsent(dp_silo.audit, payload, "[Errno 28] No space left on device")
+    assert out == {} and reply["status"] == "refused" and reply["ledger_seq"] == 0 and reply["epsilon_spent"] is None
+    assert "No space left on device" in reply["reason"] and "nothing sent" in reply["reason"]
+    record_unsent_charges(dp_silo, dp_silo.audit)
+    lost = [e.details for e in dp_silo.audit.entries() if e.action == UNSENT_ACTION]
+    assert [(d["ledger_seq"], d["nonce"]) for d in lost] == [(1, "n0")]
