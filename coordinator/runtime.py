@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from coordinator.certs import SuperLinkTls, register_node_key, write_connection
 
@@ -166,14 +166,15 @@ class LocalFederation:
         self._wait_port(self.port, proc)
         return proc
 
-    def start_silo(self, silo: SiloSpec, node_poll: float = 0.25) -> Process:
+    def start_silo(self, silo: SiloSpec, node_poll: float = 0.25, wrapper: Sequence[str] = ()) -> Process:
         """Start a silo exactly as silo IT would: `silo-node start` (service + SuperNode).
 
         With TLS the silo's state dir must hold its CA and registered node key
-        (`silo-node certs trust` / `certs request`, then `register_silo`)."""
+        (`silo-node certs trust` / `certs request`, then `register_silo`). `wrapper` runs the
+        command under another (fault tests: a shifted clock, a mount namespace with a full disk)."""
         silo.state_dir.mkdir(parents=True, exist_ok=True)
         return self._spawn(f"silo-{silo.name}", [
-            _tool("silo-node"), "start", "--study", str(silo.study), "--cohort", str(silo.cohort),
+            *wrapper, _tool("silo-node"), "start", "--study", str(silo.study), "--cohort", str(silo.cohort),
             "--state-dir", str(silo.state_dir), "--superlink", self.address, "--name", silo.name,
             "--node-port", str(free_port()), "--node-poll", str(node_poll),
             *([] if self.tls else ["--insecure-local-demo"]),

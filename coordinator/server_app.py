@@ -80,8 +80,9 @@ class StudyRunner:
 
     def exchange(self, nodes: list[int], message_type: str, round_no: int, arrays: dict[str, np.ndarray],
                  per_node: dict[int, dict[str, np.ndarray]] | None = None,
-                 nonces: dict[int, str] | None = None) -> tuple[list[SiloAnswer], list[int]]:
-        """Send one request per silo, collect what answers in time.
+                 nonces: dict[int, str] | None = None) -> tuple[list[SiloAnswer], dict[int, str]]:
+        """Send one request per silo, collect what answers in time; and why each other did not
+        (no reply in time, Flower's error for a node that went away, a reply rejected).
 
         Each request gets a fresh nonce unless `nonces` names one: a train round resent
         after a restart reuses the checkpointed nonce, so a silo that already answered
@@ -103,34 +104,33 @@ class StudyRunner:
             requests[node] = req
         if self.transport == "send-and-receive":  # Flower's stock path (3-second ticks), for comparison
             replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
-            got = {rep.metadata.src_node_id for rep in replies}
-            answers = [a for rep in replies if (a := self._decode(rep.metadata.src_node_id, rep, requests[rep.metadata.src_node_id]))]
-            return answers, [n for n in nodes if n not in got]
+            decoded = {rep.metadata.src_node_id: self._decode(rep.metadata.src_node_id, rep, requests[rep.metadata.src_node_id])
+                       for rep in replies if rep.metadata.src_node_id in requests}  # not the SuperLink's own errors
+            return _split(decoded, nodes)
         ids = dict(zip(self.grid.push_messages(msgs), nodes))
-        pending, answers = set(ids), []
+        pending, decoded = set(ids), {}
         deadline = time.monotonic() + self.timeout
         while pending and time.monotonic() < deadline:
             for rep in self.grid.pull_messages(list(pending)):
                 msg_id = rep.metadata.reply_to_message_id
                 pending.discard(msg_id)
-                answer = self._decode(ids[msg_id], rep, requests[ids[msg_id]])
-                if answer is not None:
-                    answers.append(answer)
+                decoded[ids[msg_id]] = self._decode(ids[msg_id], rep, requests[ids[msg_id]])
             if pending:
                 time.sleep(self.poll)
-        return answers, [ids[i] for i in pending]
+        return _split(decoded, nodes)
 
-    def _decode(self, node: int, rep: Message, req: m.Request) -> SiloAnswer | None:
+    def _decode(self, node: int, rep: Message, req: m.Request) -> SiloAnswer | str:
+        """The silo's answer, or why there is none (Flower's error, or why the reply was rejected)."""
         if rep.has_error():
-            return None
+            return f"no reply: Flower error {rep.error.code} ({rep.error.reason[:200]})"
         try:
             reply = m.Reply.model_validate(dict(rep.content.config_records[m.HEADER]))
             m.check_reply(reply, req)
             self.check_identity(node, reply.silo)
         except (KeyError, ValueError) as exc:  # malformed, replayed, wrong study or round, another silo's name
-            self.audit.append("reply.rejected", f"node-{node}", {"node": str(node), "round": req.round,
-                                                                 "reason": f"{type(exc).__name__}: {str(exc)[:200]}"})
-            return None
+            reason = f"{type(exc).__name__}: {str(exc)[:200]}"
+            self.audit.append("reply.rejected", f"node-{node}", {"node": str(node), "round": req.round, "reason": reason})
+            return f"reply rejected by the coordinator: {reason}"
         arrays = {k: v.numpy() for k, v in rep.content.array_records.get(m.ARRAYS, ArrayRecord()).items()}
         if reply.audit_seq:
             self.audit.witness(f"silo:{reply.silo}", reply.audit_seq, reply.audit_head)
@@ -273,6 +273,16 @@ class StudyRunner:
                 self.book.enrol(name, node, self.fingerprints.get(name))
         return sorted([*nodes, *joined])
 
+    def drop_disconnected(self, nodes: list[int], round_no: int) -> list[int]:
+        """Nodes the SuperLink no longer counts as online (a silo killed or cut off) are not
+        asked again; a silo that comes back does so as a new node, admitted like a late joiner."""
+        connected = self.connected_nodes()
+        for node in nodes:
+            if node not in connected:
+                self.audit.append("silo.disconnected", self.names.get(node, str(node)),
+                                  {"node": str(node), "before_round": round_no})
+        return [n for n in nodes if n in connected]
+
     def _key_holder(self, enrolled: dict[int, SiloAnswer]) -> int:
         """The silo the policy names as key holder, or (no name) the lowest node id."""
         wanted = self.study.ckks.key_holder
@@ -339,9 +349,11 @@ class StudyRunner:
             asked=[self.names.get(n, str(n)) for n in nodes],
             replied=[a.reply.silo for a in ok],
             refused={a.reply.silo: a.reply.reason for a in answers if a.reply.status != "ok"}
-            | {self.names.get(n, str(n)): "no reply in time" for n in dropped}
+            | {self.names.get(n, str(n)): why for n, why in dropped.items()}
             | {silo: f"rejected by the coordinator: {why}" for silo, why in self.rejected.items()},
         )
+        # a silo restarted mid-study answers from a new node: its old node's silence is not a refusal
+        record.refused = {silo: why for silo, why in record.refused.items() if silo not in record.replied}
         self.state.rounds.append(record)
         self._require_quorum(ok, f"round {round_no}")
         self.state.add_round([a.arrays[m.UPDATE] for a in ok])
@@ -353,7 +365,8 @@ class StudyRunner:
                 self.ledger_witness[a.node_id] = (a.reply.ledger_seq, a.reply.ledger_head)
                 record.privacy[a.reply.silo] = {"epsilon_spent": a.reply.epsilon_spent,
                                                 "epsilon_budget": a.reply.epsilon_budget,
-                                                "rounds_left": a.reply.rounds_left}
+                                                "rounds_left": a.reply.rounds_left,
+                                                "ledger_seq": a.reply.ledger_seq}  # the charge it accepted
         record.seconds = time.monotonic() - t0
         self.audit.append("round.finished", f"{self.study.id}/round-{round_no}",
                           {"asked": len(nodes), "replied": sorted(record.replied), "refused": record.refused})
@@ -397,7 +410,7 @@ class StudyRunner:
                 if self.book:
                     self.write(f"round {r} waiting for approval")
                     self.book.approve(r)
-                nodes = self.admit_late_silos(nodes)  # after the wait: whoever connected meanwhile
+                nodes = self.admit_late_silos(self.drop_disconnected(nodes, r))  # after the wait: who is there now
                 if self.book:
                     self.book.round_started(r, [self.names.get(n, str(n)) for n in nodes], self.run_id)
                 self.write(f"round {r} running")
@@ -448,8 +461,7 @@ class StudyRunner:
             answers, dropped = self.exchange(nodes, m.CLOSE, len(self.state.aggregates), {}) if nodes else ([], [])
             ok = {a.node_id: a for a in answers if a.reply.status == "ok"}
             heads = {a.reply.silo: {"seq": a.reply.audit_seq, "head": a.reply.audit_head} for a in ok.values()}
-            why = {n: "no reply in time" for n in dropped} | {a.node_id: f"refused: {a.reply.reason[:200]}"
-                                                               for a in answers if a.node_id not in ok}
+            why = dict(dropped) | {a.node_id: f"refused: {a.reply.reason[:200]}" for a in answers if a.node_id not in ok}
             who = self.names | {a.node_id: a.reply.silo for a in answers}
             silent = sorted(f"{who.get(n, str(n))}: {why.get(n, 'reply rejected')}" for n in nodes if n not in ok)
         except Exception as exc:  # transport failure at the very end: record it, keep the outcome
@@ -563,6 +575,13 @@ class StudyRunner:
         self.book.evaluation(rounds, "pooled", self.state.final["pooled"])
         for silo, report in self.state.final["per_silo"].items():
             self.book.evaluation(rounds, silo, report)
+
+
+def _split(decoded: dict[int, SiloAnswer | str], nodes: list[int]) -> tuple[list[SiloAnswer], dict[int, str]]:
+    """Answers, and for every other node asked why it has none ("no reply in time" if silent)."""
+    answers = [a for a in decoded.values() if isinstance(a, SiloAnswer)]
+    missing = {n: why for n, why in decoded.items() if isinstance(why, str)}
+    return answers, missing | {n: "no reply in time" for n in nodes if n not in decoded}
 
 
 @app.main()

@@ -99,12 +99,15 @@ def _start(args: argparse.Namespace) -> int:
     from silo_node.service import serve
     from silo_node.worker import Silo
 
+    from silo_node.cohort import CohortFingerprint
+
     study = load_study(args.study)
     report = validate_cohort(args.cohort, study)
     if not report.ok:
         print(report.render(), file=sys.stderr)
         print(f"{args.cohort}: cohort fails the study's error rules; not joining", file=sys.stderr)
         return 1
+    fingerprint = CohortFingerprint.of(args.cohort)  # every round checks the file against this
     state_dir = Path(args.state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     connection = ["--insecure"] if args.insecure_local_demo else _tls_flags(args, state_dir)  # fail before loading
@@ -113,7 +116,7 @@ def _start(args: argparse.Namespace) -> int:
     if load_approval(state_dir, study) is None and args.insecure_local_demo:
         approve(state_dir, study, [], "local-demo (trust on first use)")
     require_approval(state_dir, study)
-    silo = Silo.from_cohort(args.name, study, args.cohort, state_dir=state_dir)
+    silo = Silo.from_cohort(args.name, study, args.cohort, state_dir=state_dir, fingerprint=fingerprint)
     silo.validation = report.model_dump(mode="json", exclude={"file"}) | {"ok": report.ok}  # counts, no local path
     silo.warm_up()
     node_config = (

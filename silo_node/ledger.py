@@ -48,6 +48,7 @@ INDEX_FILE = "index.json"
 SILO_CEILING_FILE = "silo_ceiling.json"
 LOCK_FILE = ".lock"
 STATS_ROUND = 0  # the statistics round's number in requests and in the ledger
+LATE_JOIN_NONCE = "late-join"  # a late joiner's statistics charge: its count weighs its updates, never sent
 TOLERANCE = 1e-9  # epsilon compared with the budget: float noise must not refuse the planned last round
 FORMAT = 1
 SUPPORT = "the silo's IT / data-protection officer"

@@ -28,6 +28,7 @@ from policies.validation import suppress
 from silo_node.outbox import Outbox
 
 SOCKET_NAME = "silo.sock"
+UNSENT_ACTION = "privacy.released_but_lost"
 KEY_NAME = "silo.key"
 
 Payload = tuple[dict, dict[str, np.ndarray]]
@@ -51,13 +52,18 @@ def handle(silo, log: AuditLog, kind: str, header: dict, arrays: dict[str, np.nd
 
     The silo's own audit log records the coordinator's chain head and clock it saw, and
     what it answered; the reply carries the silo's head for the coordinator to witness.
+    A request that uses the cohort is refused if the cohort file changed since start.
+    If the silo cannot write its own audit log (a full disk), nothing but a refusal
+    leaves, and that refusal says why, so the coordinator records what the silo could not.
     """
     req = m.Request.model_validate(header)
-    if req.audit_seq:
-        log.witness("coordinator", req.audit_seq, req.audit_head)
     subject = f"{req.study_id}/round-{req.round}"
     try:
+        if req.audit_seq:
+            log.witness("coordinator", req.audit_seq, req.audit_head)
         silo.check(req)
+        if kind in _USES_COHORT:
+            silo.check_cohort()
         out, counts, privacy = _WORK[kind](silo, req, arrays)
         reply, action = silo.reply(req, counts, privacy), f"{kind.split('.')[-1]}.replied"
         if kind == m.STATS and getattr(silo, "validation", None):  # the study lead's Silos page shows it
@@ -66,7 +72,12 @@ def handle(silo, log: AuditLog, kind: str, header: dict, arrays: dict[str, np.nd
     except PolicyError as exc:
         out, reply = {}, m.refusal(req, silo.name, str(exc))
         action, details = f"{kind.split('.')[-1]}.refused", {"reason": str(exc)[:500]}
-    entry = log.append(action, subject, details | {"nonce": req.nonce, "coordinator_time": req.sent_at})
+    try:
+        entry = log.append(action, subject, details | {"nonce": req.nonce, "coordinator_time": req.sent_at})
+    except PolicyError as exc:  # the audit is append-only and fails whole: it was left as it was
+        before = f"{reply.reason}; " if reply.status != "ok" else ""
+        lost = m.refusal(req, silo.name, f"{before}this silo cannot write its audit log ({exc}): nothing sent")
+        return lost.model_dump(), {}
     return reply.model_copy(update={"audit_seq": entry.seq, "audit_head": entry.hash}).model_dump(), out
 
 
@@ -153,6 +164,7 @@ def _close(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
     return {}, None, None
 
 
+_USES_COHORT = frozenset({m.STATS, m.TRAIN, m.EVALUATE})  # checked against the cohort's fingerprint first
 _WORK: dict[str, Callable] = {
     m.ENROL: _enrol, m.KEYGEN: _keygen, m.KEYSHARE: _keyshare, m.KEYRECV: _keyrecv, m.STATS: _stats,
     m.TRAIN: _train, m.EVALUATE: _evaluate, m.REVEAL: _reveal, m.CLOSE: _close,
@@ -174,7 +186,9 @@ def serve(state_dir: Path, silo, stop: Callable[[], bool] = lambda: False) -> No
     log.append("silo.started", silo.study.id, {
         "policy_hash": silo.study.policy_hash(),
         "train_rows": suppress(len(silo.design.train_idx), silo.study.small_cell_min),
+        "cohort_sha256": silo.cohort.sha256 if getattr(silo, "cohort", None) else None,
     })
+    record_unsent_charges(silo, log)
     with Listener(str(path), family="AF_UNIX", authkey=_authkey(state_dir, create=True)) as listener:
         os.chmod(path, 0o600)
         while not stop():
@@ -183,13 +197,17 @@ def serve(state_dir: Path, silo, stop: Callable[[], bool] = lambda: False) -> No
             except (OSError, EOFError):
                 continue
             with conn:
+                header: object = {}
                 try:
                     kind, header, arrays = conn.recv()
                     key = (kind, int(header.get("round", -1)), str(header.get("nonce", "")))
                     reply = outbox.get(key)
                     if reply is None:
                         reply = handle(silo, log, kind, header, arrays)
-                        outbox.put(key, reply)  # a train reply is on disk before it leaves
+                        try:
+                            outbox.put(key, reply)  # a train reply is on disk before it leaves
+                        except PolicyError as exc:  # e.g. a full disk: it must not leave
+                            reply = _unsent(log, reply, str(exc))
                     else:  # a resend of the same request costs nothing
                         log.append("request.resent", f"{header.get('study_id')}/round-{key[1]}",
                                    {"kind": kind, "nonce": key[2], "answered_from": "outbox: nothing recomputed or charged"})
@@ -199,7 +217,64 @@ def serve(state_dir: Path, silo, stop: Callable[[], bool] = lambda: False) -> No
                 except Exception as exc:  # the service must outlive one bad request
                     # the traceback stays in this silo's own log; the coordinator gets the type only
                     traceback.print_exc()
-                    conn.send(({"error": f"{type(exc).__name__} in silo service"}, {}))
+                    conn.send(_failure(silo.name, header if isinstance(header, dict) else {}, exc))
+
+
+def _unsent(log: AuditLog, payload: Payload, why: str) -> Payload:
+    """A reply that could not be kept for resends is not sent: a refusal goes instead, and a
+    charge it carried is recorded as released-but-lost (best effort: the disk may be full)."""
+    reply = m.Reply.model_validate(payload[0])
+    if reply.ledger_seq:
+        try:
+            log.append(UNSENT_ACTION, f"{reply.study_id}/round-{reply.round}", {
+                "ledger_seq": reply.ledger_seq, "nonce": reply.nonce, "epsilon_after": reply.epsilon_spent,
+                "why": "the reply could not be kept on disk before sending; the spend stands"})
+        except PolicyError:
+            pass  # record_unsent_charges cannot tell this one apart: its train.replied entry exists
+    refused = reply.model_copy(update={
+        "status": "refused", "reason": f"could not keep the reply on disk before sending ({why[:300]}): nothing sent",
+        "report": "{}", "ledger_seq": 0, "ledger_head": "", "epsilon_spent": None, "epsilon_budget": None,
+        "rounds_left": None})
+    return refused.model_dump(), {}
+
+
+def _failure(name: str, header: dict, exc: Exception) -> Payload:
+    """A refusal the coordinator can record (it names only the error's type), when the
+    request itself parses; otherwise a bare error."""
+    reason = f"{type(exc).__name__} in silo service"
+    try:
+        return m.refusal(m.Request.model_validate(header), name, reason).model_dump(), {}
+    except ValueError:
+        return {"error": reason}, {}
+
+
+def record_unsent_charges(silo, log: AuditLog) -> None:
+    """At start, log each privacy charge whose release this silo never recorded as sent.
+
+    A charge is on disk before its update leaves, so a silo killed in between keeps a
+    charge for an update nobody received. The spend stands (it cannot be taken back
+    safely: the silo cannot know how far the update got); this entry makes it visible:
+    `privacy.released_but_lost`, once per charge. A charge counts as sent when a
+    `*.replied` entry names its ledger seq; a late joiner's own statistics charge is never
+    sent by design (only its noised count, as the weight inside its update).
+    """
+    from silo_node.ledger import LATE_JOIN_NONCE
+
+    if silo.study.dp is None:
+        return
+    try:
+        charges = silo.ledger().state.charges
+        entries = list(log.entries())
+    except PolicyError:
+        return  # a ledger or log that cannot be read is refused at the next round, with the reason
+    sent = {e.details.get("ledger_seq") for e in entries if e.action in ("train.replied", "stats.replied")}
+    known = {e.details.get("ledger_seq") for e in entries if e.action == UNSENT_ACTION}
+    for c in charges:
+        if c.seq in sent or c.seq in known or c.nonce == LATE_JOIN_NONCE:
+            continue
+        log.append(UNSENT_ACTION, f"{silo.study.id}/round-{c.round}", {
+            "ledger_seq": c.seq, "nonce": c.nonce, "kind": c.kind, "epsilon_after": c.epsilon_after,
+            "why": "charged, then the silo stopped before recording the reply as sent; the spend stands"})
 
 
 def call(state_dir: Path, kind: str, header: dict, arrays: dict[str, np.ndarray]) -> Payload:

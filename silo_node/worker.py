@@ -19,13 +19,13 @@ from policies.messages import Reply, Request, check_request
 from policies.metrics import silo_report
 from policies.study import StudySpec
 from policies.update import pack_update, unpack_sum
-from silo_node.cohort import read_cohort
+from silo_node.cohort import CohortFingerprint, read_cohort
 from silo_node.dp import STATS_SAMPLE_RATE, STATS_STEPS, DPPlan, dp_local_train, plan_with_stats
 from silo_node.codec import CkksCodec, Codec, PlainCodec
 from silo_node.features import (
     Design, build_design, clipped_moments, feature_scales, moments, normalise, normaliser_from_moments, stat_bounds,
 )
-from silo_node.ledger import STATS_ROUND, Charge, PrivacyLedger
+from silo_node.ledger import LATE_JOIN_NONCE, STATS_ROUND, Charge, PrivacyLedger
 from silo_node.stats_release import add_gaussian_noise, pooled_normaliser, released_count, weight_rows
 from silo_node.server_optimizer import replay
 from silo_node.training import derive_seed, evaluate, init_weights, local_train
@@ -51,10 +51,24 @@ class Silo:
     _codec: Codec | None = field(default=None, repr=False)
     audit: Any = field(default=None, repr=False)  # the silo's own AuditLog, set by the service
     validation: dict | None = None  # counts-only validation report, shared with the statistics reply
+    cohort: CohortFingerprint | None = None  # the file as validated and loaded; checked before each round
 
     @classmethod
-    def from_cohort(cls, name: str, study: StudySpec, cohort: str | Path, state_dir: Path | None = None) -> "Silo":
-        return cls(name=name, study=study, design=build_design(read_cohort(cohort), study), state_dir=state_dir)
+    def from_cohort(cls, name: str, study: StudySpec, cohort: str | Path, state_dir: Path | None = None,
+                    fingerprint: CohortFingerprint | None = None) -> "Silo":
+        """Load the cohort; `fingerprint` is the file as it was validated (taken now if not given).
+
+        The file is checked against it once more after loading, so the rows in memory are
+        exactly the validated file's."""
+        fingerprint = fingerprint or CohortFingerprint.of(cohort)
+        design = build_design(read_cohort(cohort), study)
+        fingerprint.check()
+        return cls(name=name, study=study, design=design, state_dir=state_dir, cohort=fingerprint)
+
+    def check_cohort(self) -> None:
+        """Before a round: refuse if the cohort file is no longer the one validated at start."""
+        if self.cohort is not None:
+            self.cohort.check()
 
     def warm_up(self) -> None:
         """Load the heavy libraries once, in the resident service, not per round."""
@@ -243,7 +257,7 @@ class Silo:
         statistics round makes (and is charged for) that release now, and sends only the update."""
         count = self.ledger().released_count()
         if count is None:
-            self.release_stats(nonce="late-join")
+            self.release_stats(nonce=LATE_JOIN_NONCE)
             count = self.ledger().released_count()
         assert count is not None
         return count
