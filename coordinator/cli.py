@@ -185,7 +185,11 @@ def _start(args: argparse.Namespace) -> int:
     if not args.insecure_local_demo:  # TLS to the study CA (`certs init`), e.g. the SuperLink `serve` runs
         from coordinator.certs import load_superlink_tls
 
-        tls = load_superlink_tls(state_dir)
+        try:
+            tls = load_superlink_tls(state_dir)
+        except PolicyError as exc:
+            raise PolicyError(f"start runs over TLS to the study CA: {exc}; for a study on 127.0.0.1 without TLS "
+                              "pass --insecure-local-demo") from None
     plan = plan_start(state_dir, Path(args.study) if args.study else None, args.db_url)
     where = "from the start" if plan.resume_after is None else f"resuming after round {plan.resume_after}"
     print(f"study {plan.label} ({where}); SuperLink {args.superlink}; state in {state_dir}", flush=True)
