@@ -4,7 +4,10 @@ It runs the Flower SuperLink in the foreground with the study CA's certificate, 
 authentication and a database under the state directory (registered silo keys survive a
 restart), on one port that silos reach from outside. Studies are submitted to it with
 `coordinator start` on the same machine (127.0.0.1), and silo keys are registered with
-`coordinator certs register`. `coordinator health` reads the run file it writes.
+`coordinator certs register`. `coordinator health` reads the run file it writes; the
+container's HEALTHCHECK runs the same check as `python -m coordinator.serve health
+--state-dir DIR`, which skips loading the whole coordinator CLI (seconds and 160 MB on a
+busy machine) every 30 s.
 """
 
 from __future__ import annotations
@@ -17,8 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from coordinator.certs import load_superlink_tls
-from coordinator.runtime import _tool, flower_env
 from policies.durable import write_atomic
 from policies.errors import PolicyError
 
@@ -28,6 +29,9 @@ DATABASE = Path("coordinator") / "superlink.db"
 
 def superlink_argv(state_dir: Path, host: str, port: int) -> list[str]:
     """The SuperLink command: TLS to the study CA, only registered SuperNodes, keys kept on disk."""
+    from coordinator.certs import load_superlink_tls
+    from coordinator.runtime import _tool
+
     tls = load_superlink_tls(state_dir)  # refuses (naming the file) before anything starts
     return [_tool("flower-superlink"), *tls.superlink_flags(), "--enable-supernode-auth",
             "--database", str(Path(state_dir) / DATABASE), "--host", host, "--port", str(port),
@@ -36,6 +40,8 @@ def superlink_argv(state_dir: Path, host: str, port: int) -> list[str]:
 
 def serve(state_dir: Path, host: str, port: int) -> int:
     """Run the SuperLink until it exits or this process gets SIGTERM/SIGINT; its exit code."""
+    from coordinator.runtime import flower_env
+
     state_dir = Path(state_dir).resolve()
     argv = superlink_argv(state_dir, host, port)
     flwr_home = state_dir / "coordinator" / "flwr_home"
@@ -94,3 +100,23 @@ def health(state_dir: Path) -> tuple[bool, str]:
     except OSError as exc:
         return False, f"unhealthy: the SuperLink does not accept connections on {host}:{run['port']} ({exc})"
     return True, f"healthy: SuperLink pid {run['superlink_pid']} accepting on {run['host']}:{run['port']}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m coordinator.serve health --state-dir DIR`: the cheap HEALTHCHECK entry point."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m coordinator.serve")
+    parser.add_argument("command", choices=["health"])
+    parser.add_argument("--state-dir", required=True)
+    args = parser.parse_args(argv)
+    try:
+        ok, line = health(Path(args.state_dir))
+    except PolicyError as exc:
+        ok, line = False, f"unhealthy: {exc}"
+    print(line)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
