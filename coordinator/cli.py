@@ -3,7 +3,9 @@
   coordinator demo [--state-dir DIR] [--json PATH] [--rounds N]
   coordinator certs init --state-dir DIR [--host NAME ...]
   coordinator certs register --state-dir DIR --silo NAME --superlink HOST:PORT PUBKEY_FILE
-  coordinator start --state-dir DIR [--study STUDY.yaml] [--superlink HOST:PORT] --insecure-local-demo
+  coordinator start --state-dir DIR [--study STUDY.yaml] [--superlink HOST:PORT] [--insecure-local-demo]
+  coordinator serve --state-dir DIR [--host 0.0.0.0] [--port 9092]   (the TLS SuperLink, in the foreground)
+  coordinator health --state-dir DIR            (exit 0 when `serve` and its SuperLink answer; for HEALTHCHECK)
 """
 
 from __future__ import annotations
@@ -178,9 +180,16 @@ def _start(args: argparse.Namespace) -> int:
     """Run the given study, or resume the unfinished one, over a SuperLink; print the outcome."""
     from coordinator.start import plan_start, start_study
 
-    if not args.insecure_local_demo:
-        raise PolicyError("start needs TLS provisioning (issue 7, not built yet); on 127.0.0.1 pass --insecure-local-demo")
     state_dir = Path(args.state_dir).resolve()
+    tls = None
+    if not args.insecure_local_demo:  # TLS to the study CA (`certs init`), e.g. the SuperLink `serve` runs
+        from coordinator.certs import load_superlink_tls
+
+        try:
+            tls = load_superlink_tls(state_dir)
+        except PolicyError as exc:
+            raise PolicyError(f"start runs over TLS to the study CA: {exc}; for a study on 127.0.0.1 without TLS "
+                              "pass --insecure-local-demo") from None
     plan = plan_start(state_dir, Path(args.study) if args.study else None, args.db_url)
     where = "from the start" if plan.resume_after is None else f"resuming after round {plan.resume_after}"
     print(f"study {plan.label} ({where}); SuperLink {args.superlink}; state in {state_dir}", flush=True)
@@ -193,7 +202,7 @@ def _start(args: argparse.Namespace) -> int:
             print(f"  {status}", flush=True)
 
     summary = start_study(state_dir, plan, args.superlink, expected_silos=args.expected_silos, db_url=args.db_url,
-                          timeout=args.timeout, on_progress=on_progress)
+                          timeout=args.timeout, on_progress=on_progress, tls=tls)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(demo_json(summary), indent=2))
@@ -203,6 +212,22 @@ def _start(args: argparse.Namespace) -> int:
         return 1
     print_results(Console(), summary)
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Run the study's TLS SuperLink in the foreground (a container's one command)."""
+    from coordinator.serve import serve
+
+    return serve(Path(args.state_dir), args.host, args.port)
+
+
+def _health(args: argparse.Namespace) -> int:
+    """Exit 0 when `coordinator serve` and its SuperLink answer, else 1; one line either way."""
+    from coordinator.serve import health
+
+    ok, line = health(Path(args.state_dir))
+    print(line)
+    return 0 if ok else 1
 
 
 def _audit_export(args: argparse.Namespace) -> int:
@@ -313,6 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--timeout", type=float, default=3600.0, help="give up following the run after this many seconds")
     st.add_argument("--insecure-local-demo", action="store_true", help="no TLS: only for studies on 127.0.0.1")
     st.set_defaults(func=_start)
+    sv = sub.add_parser("serve", help="run the study's SuperLink (TLS, SuperNode authentication) in the foreground")
+    sv.add_argument("--state-dir", required=True, help="holds coordinator/tls from `certs init`")
+    sv.add_argument("--host", default="0.0.0.0", help="address the SuperLink listens on (default all interfaces)")
+    sv.add_argument("--port", type=int, default=9092, help="the one port silos connect to (default 9092)")
+    sv.set_defaults(func=_serve)
+    he = sub.add_parser("health", help="exit 0 if `coordinator serve` and its SuperLink answer, else 1 with why")
+    he.add_argument("--state-dir", required=True)
+    he.set_defaults(func=_health)
     audit = sub.add_parser("audit", help="export or verify tamper-evident audit logs")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     e = audit_sub.add_parser("export", help="export audit bundles (JSONL, CSV, Parquet, manifest, zip)")

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from coordinator.certs import SuperLinkTls
 from coordinator.demo import ProgressFn, end_unfinished_serverapp, follow_run
 from coordinator.lifecycle import ACTIVE, FINAL
 from coordinator.runtime import LocalFederation
@@ -106,14 +107,19 @@ def _lock_released(coordinator_dir: Path, wait: float) -> bool:
 
 
 def start_study(state_dir: Path, plan: StartPlan, address: str, *, expected_silos: int, db_url: str | None = None,
-                timeout: float = 3600.0, lock_wait: float = 90.0, on_progress: ProgressFn | None = None) -> dict:
-    """Submit the study as a new Flower run (starting a SuperLink if none listens); follow it to its end."""
+                timeout: float = 3600.0, lock_wait: float = 90.0, on_progress: ProgressFn | None = None,
+                tls: SuperLinkTls | None = None) -> dict:
+    """Submit the study as a new Flower run (starting a SuperLink if none listens); follow it to its end.
+
+    With `tls`, the run is submitted over TLS to the study CA (the SuperLink `coordinator
+    serve` runs, or one started here with SuperNode authentication)."""
     state_dir = Path(state_dir).resolve()
     coordinator_dir = state_dir / "coordinator"
     host, _, port = address.rpartition(":")
     if host not in ("127.0.0.1", "localhost"):
-        raise PolicyError(f"--superlink {address}: without TLS (issue 7) only a SuperLink on 127.0.0.1 is allowed")
-    fed = LocalFederation(work_dir=state_dir / "runtime" / "coordinator", port=int(port))
+        raise PolicyError(f"--superlink {address}: studies are submitted on the coordinator's own machine; "
+                          "use 127.0.0.1:PORT (silos connect to the SuperLink's public address)")
+    fed = LocalFederation(work_dir=state_dir / "runtime" / "coordinator", port=int(port), tls=tls)
     started_superlink = not fed.superlink_reachable()
     try:
         if started_superlink:

@@ -6,6 +6,8 @@
   silo-node certs trust CA.crt --state-dir DIR   (the study CA the coordinator sent)
   silo-node backup --state-dir DIR --out FILE (--passphrase-file F | --passphrase-stdin | --key-file F)
   silo-node restore --in FILE --state-dir DIR (same key options) [--force]
+  silo-node status --state-dir DIR [--json]      (studies, spend vs ceilings, last rounds, connection, cohort)
+  silo-node health --state-dir DIR               (exit 0 healthy, else 1 and one line why; for HEALTHCHECK)
 """
 
 from __future__ import annotations
@@ -18,8 +20,21 @@ import sys
 from pathlib import Path
 
 from policies.errors import PolicyError
-from policies.study import load_study
-from policies.validation import validate_cohort
+from silo_node.logs import DEFAULT_KEEP, DEFAULT_MAX_BYTES
+
+
+# Imported on first use: `silo-node health` runs every 30 s in a container and must not
+# pay for pandas and TenSEAL (policies.study, policies.validation) on every call.
+def load_study(path):
+    from policies.study import load_study as _load_study
+
+    return _load_study(path)
+
+
+def validate_cohort(path, study):
+    from policies.validation import validate_cohort as _validate_cohort
+
+    return _validate_cohort(path, study)
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -100,7 +115,11 @@ def _start(args: argparse.Namespace) -> int:
     from silo_node.worker import Silo
 
     from silo_node.cohort import CohortFingerprint
+    from silo_node.state_format import check_state_format, mark_state_format
 
+    state_dir = Path(args.state_dir).resolve()
+    if state_dir.exists():
+        check_state_format(state_dir)  # before anything reads or writes the state
     study = load_study(args.study)
     report = validate_cohort(args.cohort, study)
     if not report.ok:
@@ -108,8 +127,8 @@ def _start(args: argparse.Namespace) -> int:
         print(f"{args.cohort}: cohort fails the study's error rules; not joining", file=sys.stderr)
         return 1
     fingerprint = CohortFingerprint.of(args.cohort)  # every round checks the file against this
-    state_dir = Path(args.state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
+    mark_state_format(state_dir)
     connection = ["--insecure"] if args.insecure_local_demo else _tls_flags(args, state_dir)  # fail before loading
     from silo_node.approval import approve, load_approval, require_approval
 
@@ -139,19 +158,68 @@ def _start(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    log = _rotated_output(args)  # from here on, the silo's and its SuperNode's output
     pid = node.start()
     print(f"silo '{args.name}' serving study {study.id} ({study.policy_hash()[:12]}); SuperNode pid {pid}", flush=True)
+    _record_run(args, state_dir, study)
     try:
         serve(state_dir, silo, stop=lambda: node.stopping)
     except SystemExit:
         pass
     finally:
         node.stop()
+        from silo_node.status import clear_run_file
+
+        clear_run_file(state_dir)
+        if log is not None:
+            log.stop()
     if node.gave_up:
         print("error: the SuperNode exited right after starting, again and again; see its log above (a key the "
               "coordinator has not registered shows 'Failed to activate SuperNode')", file=sys.stderr)
         return 1
     return 0
+
+
+def _rotated_output(args: argparse.Namespace):
+    """With --log-file: everything printed from here on (SuperNode included) goes to a rotated file."""
+    if not args.log_file:
+        return None
+    from silo_node.logs import RotatedOutput
+
+    log = RotatedOutput(Path(args.log_file), args.log_max_bytes, args.log_keep)
+    print(f"logging to {Path(args.log_file).resolve()} (rotated at {args.log_max_bytes} bytes, {args.log_keep} kept)",
+          flush=True)
+    return log.start()
+
+
+def _record_run(args: argparse.Namespace, state_dir: Path, study) -> None:
+    """What `silo-node status` and `health` read about this running silo (no patient data)."""
+    from silo_node.status import cohort_fingerprint, write_run_file
+
+    write_run_file(state_dir, {
+        "name": args.name, "study_id": study.id, "study_name": study.name, "policy_hash": study.policy_hash(),
+        "superlink": args.superlink, "node_port": args.node_port, "insecure_local_demo": args.insecure_local_demo,
+        "cohort": str(Path(args.cohort).resolve()), "cohort_sha256": cohort_fingerprint(Path(args.cohort)),
+        "log_file": str(Path(args.log_file).resolve()) if args.log_file else None,
+    })
+
+
+def _status(args: argparse.Namespace) -> int:
+    """Print what this silo is doing and has spent; counts and hashes only."""
+    from silo_node.status import collect_status, render_status
+
+    status = collect_status(Path(args.state_dir), probe_superlink=not args.no_probe)
+    print(json.dumps(status, indent=2) if args.json else render_status(status))
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    """Exit 0 when healthy, 1 otherwise; one line either way (a container HEALTHCHECK)."""
+    from silo_node.status import health
+
+    ok, line = health(Path(args.state_dir), require_superlink=args.require_superlink)
+    print(line)
+    return 0 if ok else 1
 
 
 def _tls_flags(args: argparse.Namespace, state_dir: Path) -> list[str]:
@@ -293,7 +361,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--auth-key", help="SuperNode authentication private key (default: STATE/keys/node-auth.key)")
     s.add_argument("--insecure-local-demo", action="store_true",
                    help="no TLS, no node authentication: only for the local demo on 127.0.0.1")
+    s.add_argument("--log-file", help="write the silo's and its SuperNode's output here, rotated by size "
+                                      "(default: standard output, e.g. for a container's log driver)")
+    s.add_argument("--log-max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="rotate the log file at this size")
+    s.add_argument("--log-keep", type=int, default=DEFAULT_KEEP, help="old log files kept (FILE.1 ... FILE.N)")
     s.set_defaults(func=_start)
+    st = sub.add_parser("status", help="studies approved, spend vs ceilings, last rounds, connection, cohort")
+    st.add_argument("--state-dir", required=True)
+    st.add_argument("--json", action="store_true", help="print the status as JSON")
+    st.add_argument("--no-probe", action="store_true", help="do not try to connect to the coordinator's SuperLink")
+    st.set_defaults(func=_status)
+    h = sub.add_parser("health", help="exit 0 if this silo is running and serving, else 1 with one line why")
+    h.add_argument("--state-dir", required=True)
+    h.add_argument("--require-superlink", action="store_true",
+                   help="also fail when the coordinator's SuperLink does not accept connections")
+    h.set_defaults(func=_health)
     c = sub.add_parser("certs", help="TLS and SuperNode authentication for this silo")
     certs_sub = c.add_subparsers(dest="certs_command", required=True)
     cr = certs_sub.add_parser("request", help="make this silo's SuperNode key pair; prints the public key to send")
