@@ -228,3 +228,26 @@ def test_the_real_study_completes_with_the_launcher_in_front(guarded_federation)
         actions = [e["action"] for e in _audit(g["tmp"] / "silos" / name)]
         assert "train.replied" in actions and actions.count("app.refused") == 1, (name, actions)
         assert "app launcher for silo" in g["logs"][f"silo-{name}"]
+
+
+@pytest.mark.slow
+def test_control_a_stock_supernode_runs_the_fab_code(tmp_path):
+    """Without the launcher (stock `flower-supernode`, subprocess isolation) the same FAB's code
+    does run at the node: the marker the tests above check for is a real signal."""
+    from coordinator.runtime import _tool, flower_env, free_port, local_federation
+
+    marker, result = tmp_path / "evil-ran", tmp_path / "evil-replies.json"
+    evil = _copy_app(tmp_path / "evil" / "fedcohort_study", components={
+        "serverapp": "evil_server:app", "clientapp": "evil_client:app"}, extra={
+        "evil_client.py": _EVIL_CLIENT.format(marker=str(marker)),
+        "evil_server.py": _EVIL_SERVER.format(silos=1, result=str(result)),
+    })
+    with local_federation(tmp_path / "runtime") as fed:
+        fed.start_superlink()
+        fed._spawn("stock-node", [_tool("flower-supernode"), "--insecure", "--superlink", fed.address,
+                                  "--port", str(free_port())])
+        out = subprocess.run([_tool("flwr"), "run", str(evil), "local", "--format", "json"],
+                             env=flower_env(fed.flwr_home), cwd=fed.work_dir, capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stderr + out.stdout
+        _wait_for(result, 400)
+    assert marker.exists() and "ran at a silo" in marker.read_text()
