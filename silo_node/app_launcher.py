@@ -47,6 +47,7 @@ from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime import run_clientapp as _flwr_clientapp
 
+from policies.errors import PolicyError
 from silo_node.app_allowlist import fab_sha256, installed_fab_sha256, is_allowed
 
 PINNED_FLWR = "1.41.0"
@@ -91,12 +92,11 @@ def _client(address: str, *interceptors) -> RuntimeHttpClient:
         interceptors=list(interceptors), retry_invoker=make_simple_http_retry_invoker())
 
 
-def _record_refusal(state_dir: Path, silo: str, run, fab, digest: str, message: Message) -> str:
+def _record_refusal(state_dir: Path, silo: str, run, fab, digest: str, message: Message, why: str) -> str:
     """Write the refusal to the silo's audit log first; the reason is what the coordinator sees."""
     from policies.audit import open_party_log
 
-    reason = (f"silo {silo} refuses app {digest[:12]}: FAB sha256 {digest} is not on this silo's allow-list "
-              f"(`silo-node apps list`); nothing from it was installed or run")
+    reason = f"silo {silo} refuses app {digest[:12]}: {why}; nothing from it was installed or run"
     try:
         open_party_log(state_dir, silo, "silo").append(REFUSED_ACTION, f"run-{run.run_id}", {
             "fab_sha256": digest, "fab_id": run.fab_id, "fab_version": run.fab_version,
@@ -113,8 +113,13 @@ def _record_refusal(state_dir: Path, silo: str, run, fab, digest: str, message: 
 def _answer(state_dir: Path, silo: str, message: Message, context: Context, run, fab) -> tuple[Message, str, str]:
     """The reply, the task's final status and its details: refused, answered, or failed."""
     digest = fab_sha256(fab.content)
-    if not is_allowed(state_dir, digest):
-        reason = _record_refusal(state_dir, silo, run, fab, digest, message)
+    try:
+        why = "" if is_allowed(state_dir, digest) else \
+            f"FAB sha256 {digest} is not on this silo's allow-list (`silo-node apps list`)"
+    except PolicyError as exc:  # an unreadable allow-list allows nothing
+        why = f"FAB sha256 {digest} cannot be checked: {exc}"
+    if why:
+        reason = _record_refusal(state_dir, silo, run, fab, digest, message, why)
         return Message(Error(code=ErrorCode.INVALID_FAB, reason=reason), reply_to=message), SubStatus.FAILED, reason
     from silo_node.client_app import app  # the installed one, never the FAB's
 
@@ -190,7 +195,8 @@ def serve(address: str, state_dir: Path, silo: str, poll: float, parent_pid: int
     check_internals()
     _die_with_parent(parent_pid)
     allowed = installed_fab_sha256()  # computed once, before any task; children inherit it
-    import silo_node.client_app  # noqa: F401 - imported once here so each forked task starts warm
+    import policies.audit  # noqa: F401 - imported once here so each forked task starts warm
+    import silo_node.client_app  # noqa: F401
 
     print(f"app launcher for silo {silo}: runs only the installed ClientApp, for FABs on the allow-list "
           f"(installed fedcohort app sha256 {allowed})", flush=True)

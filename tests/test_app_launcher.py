@@ -111,6 +111,72 @@ def test_supernode_arguments_keep_the_clientapp_with_the_launcher():
         guarded_args(["--host=0.0.0.0"])
 
 
+# ---------------------------------------------------------------- one task, in process
+
+
+def _task(fab_bytes: bytes, state_dir: Path):
+    """A ClientApp task's input as the launcher pulls it: message, context, run, FAB."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.fab import Fab
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from policies import messages as m
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 5
+    req = m.Request(study_id="heart-disease", policy_hash="0" * 64, round=0, nonce=m.new_nonce())
+    msg = Message(RecordDict({m.HEADER: ConfigRecord(req.model_dump())}), 5, m.ENROL)
+    msg.metadata.__dict__["_message_id"] = msg.object_id
+    context = Context(run_id=7, node_id=5, node_config={"state-dir": str(state_dir), "silo-name": "va"},
+                      state=RecordDict(), run_config={})
+    run = Run.create_empty(7)
+    return msg, context, run, Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
+
+
+def test_an_unknown_fab_gets_an_error_reply_and_an_audit_entry(tmp_path):
+    from silo_node.app_launcher import _answer
+
+    fab = b"PK\x03\x04 a FAB this silo never saw"
+    reply, status, details = _answer(tmp_path, "va", *_task(fab, tmp_path))
+    digest = hashlib.sha256(fab).hexdigest()
+    assert reply.has_error() and reply.error.code == 7  # Flower's INVALID_FAB
+    assert f"FAB sha256 {digest} is not on this silo's allow-list" in reply.error.reason
+    assert status == "failed" and details == reply.error.reason
+    [entry] = _audit(tmp_path)
+    assert (entry["action"], entry["subject"], entry["details"]["fab_sha256"]) == ("app.refused", "run-7", digest)
+    assert entry["details"]["message_type"] == "query.enrol"
+
+
+def test_an_unreadable_allow_list_allows_nothing(tmp_path):
+    from silo_node.app_allowlist import ALLOWLIST_FILE, installed_fab_sha256
+    from silo_node.app_launcher import _answer
+
+    (tmp_path / ALLOWLIST_FILE).parent.mkdir(parents=True)
+    (tmp_path / ALLOWLIST_FILE).write_text("{ torn")
+    fab = b"another FAB"
+    reply, status, _ = _answer(tmp_path, "va", *_task(fab, tmp_path))
+    assert reply.has_error() and "cannot be checked" in reply.error.reason and "allowed.json" in reply.error.reason
+    assert [e["action"] for e in _audit(tmp_path)] == ["app.refused"]
+    assert installed_fab_sha256() not in reply.error.reason
+
+
+def test_an_allowed_fab_is_answered_by_the_installed_clientapp(tmp_path):
+    """Allowed by silo IT: the installed ClientApp answers (here: the silo service is not running,
+    which only the installed relay says); nothing is logged as refused."""
+    from silo_node.app_allowlist import allow
+    from silo_node.app_launcher import _answer
+
+    fab = b"a FAB silo IT reviewed"
+    allow(tmp_path, hashlib.sha256(fab).hexdigest(), "it-bob")
+    reply, status, _ = _answer(tmp_path, "va", *_task(fab, tmp_path))
+    assert not reply.has_error() and status == "completed"
+    from policies import messages as m
+
+    header = dict(reply.content.config_records[m.HEADER])
+    assert header["status"] == "refused" and "silo service is not running" in header["reason"]
+    assert _audit(tmp_path) == []
+
+
 # ---------------------------------------------------------------- real SuperLink and SuperNodes
 
 
