@@ -8,6 +8,8 @@
   silo-node restore --in FILE --state-dir DIR (same key options) [--force]
   silo-node status --state-dir DIR [--json]      (studies, spend vs ceilings, last rounds, connection, cohort)
   silo-node health --state-dir DIR               (exit 0 healthy, else 1 and one line why; for HEALTHCHECK)
+  silo-node apps list --state-dir DIR            (the Flower apps (FAB sha256) this silo runs)
+  silo-node apps allow SHA256 --state-dir DIR    (after reviewing a FAB; `apps revoke` undoes it)
 """
 
 from __future__ import annotations
@@ -143,8 +145,9 @@ def _start(args: argparse.Namespace) -> int:
         f'study-path="{Path(args.study).resolve()}" state-dir="{state_dir}"'
     )
     bin_dir = Path(sys.executable).parent
+    # the SuperNode runs no ClientApp itself: the silo's app launcher checks each run's FAB first
     cmd = [sys.executable, "-m", "silo_node.supernode_launcher", "--superlink", args.superlink, "--port", str(args.node_port),
-           "--node-config", node_config]
+           "--node-config", node_config, "--silo-state-dir", str(state_dir), "--silo-name", args.name]
     cmd += connection
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
                FEDCOHORT_NODE_POLL=str(args.node_poll), FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(min(args.node_poll, 1.0)),
@@ -251,6 +254,34 @@ def _certs_trust(args: argparse.Namespace) -> int:
     path, fingerprint = trust_ca(Path(args.state_dir), Path(args.ca_file), replace=args.replace)
     print(f"study CA installed as {path}")
     print(f"CA fingerprint (compare with the one the coordinator reads out):\n  {fingerprint}")
+    return 0
+
+
+def _apps_list(args: argparse.Namespace) -> int:
+    """The FABs this silo lets through its app launcher; everything else is refused."""
+    from silo_node.app_allowlist import allowed_apps
+
+    for app in allowed_apps(Path(args.state_dir)):
+        extra = f" {app.at} {app.note}".rstrip() if app.at or app.note else ""
+        print(f"{app.sha256}  {app.source}{extra}")
+    return 0
+
+
+def _apps_change(args: argparse.Namespace) -> int:
+    """Allow or revoke one FAB hash; the change is recorded in the silo's audit log."""
+    from policies.audit import open_party_log
+    from silo_node.app_allowlist import allow, normalise_hash, revoke
+
+    state_dir = Path(args.state_dir).resolve()
+    digest = normalise_hash(args.sha256)
+    changed = allow(state_dir, digest, args.by, args.note) if args.apps_command == "allow" else revoke(state_dir, digest)
+    if not changed:
+        print(f"{digest}: already {'allowed' if args.apps_command == 'allow' else 'not on the allow-list'}; nothing changed")
+        return 0
+    action = "app.allowed" if args.apps_command == "allow" else "app.revoked"
+    open_party_log(state_dir, args.name or state_dir.name, "silo").append(
+        action, f"fab-{digest[:12]}", {"fab_sha256": digest, "note": args.note}, actor=args.by)
+    print(f"{digest}: {'allowed' if args.apps_command == 'allow' else 'revoked'}")
     return 0
 
 
@@ -387,6 +418,19 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--replace", action="store_true", help="replace a different CA already installed")
     ct.set_defaults(func=_certs_trust)
     _add_backup_commands(sub)
+    apps = sub.add_parser("apps", help="the Flower apps (FABs, by sha256) this silo agrees to serve")
+    apps_sub = apps.add_subparsers(dest="apps_command", required=True)
+    al = apps_sub.add_parser("list", help="allowed FAB hashes: the installed fedcohort's app, then silo IT's additions")
+    al.add_argument("--state-dir", required=True)
+    al.set_defaults(func=_apps_list)
+    for verb, text in (("allow", "allow a FAB hash silo IT has reviewed"), ("revoke", "remove a hash added with allow")):
+        ap = apps_sub.add_parser(verb, help=text)
+        ap.add_argument("sha256", metavar="SHA256", help="sha256 of the FAB (as `apps list` and refusals show it)")
+        ap.add_argument("--state-dir", required=True)
+        ap.add_argument("--by", default="silo-it", help="who decides (recorded)")
+        ap.add_argument("--note", default="", help="why (recorded)")
+        ap.add_argument("--name", help="this silo's name in its audit log (default: the state directory's name)")
+        ap.set_defaults(func=_apps_change)
     return parser
 
 

@@ -6,16 +6,24 @@ swaps the `time` module seen by `flwr.supernode.start_client_internal` for one w
 idle sleeps are shorter, then runs the stock `flower-supernode` entry point unchanged.
 It depends on flwr internals: flwr is pinned exactly, and `check_internals()` (run by
 the launcher and by a test) fails loudly if those internals move.
+
+Given `--silo-state-dir` and `--silo-name` (what `silo-node start` passes), the SuperNode
+runs with `--isolation process`, so it starts no executor of its own, and this launcher
+starts the silo's app launcher (app_launcher.py) as its child: the only process that
+takes the SuperNode's ClientApp tasks, and one that refuses FABs the silo has not allowed.
 """
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import os
+import subprocess
 import sys
 import time as _time
 
 import flwr
+from flwr.supercore.constant import SUPERNODE_UVICORN_DEFAULT_PORT
 from flwr.supernode import start_client_internal as _sci
 
 PINNED_FLWR = "1.41.0"
@@ -52,13 +60,57 @@ def patch(idle: float) -> None:
     _sci.time = _ShortClock(idle)  # type: ignore[assignment]
 
 
+def _split_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Our own options (the silo behind the app launcher) apart from flower-supernode's."""
+    ours = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    ours.add_argument("--silo-state-dir")
+    ours.add_argument("--silo-name")
+    return ours.parse_known_args(argv)
+
+
+def _option(args: list[str], name: str, default: str) -> str:
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return default
+
+
+def guarded_args(flower_args: list[str]) -> list[str]:
+    """flower-supernode's arguments with the ClientApp left to our launcher: `--isolation process`,
+    Runtime API on loopback. Refuses arguments that would undo either."""
+    if _option(flower_args, "--isolation", "process") != "process":
+        raise SystemExit("the silo's app launcher needs `--isolation process`; do not pass another isolation")
+    if _option(flower_args, "--host", "127.0.0.1") != "127.0.0.1":
+        raise SystemExit("the SuperNode's Runtime API must stay on 127.0.0.1 when the app launcher serves it")
+    args = list(flower_args)
+    for name, value in (("--isolation", "process"), ("--host", "127.0.0.1")):
+        if _option(args, name, "") == "":
+            args += [name, value]
+    return args
+
+
+def start_app_launcher(flower_args: list[str], state_dir: str, name: str) -> subprocess.Popen:
+    """The silo's app launcher, a child of this SuperNode process (it exits when we do)."""
+    port = _option(flower_args, "--port", str(SUPERNODE_UVICORN_DEFAULT_PORT))
+    return subprocess.Popen([
+        sys.executable, "-m", "silo_node.app_launcher", "--runtime-api-address", f"127.0.0.1:{port}",
+        "--state-dir", state_dir, "--name", name, "--parent-pid", str(os.getpid()),
+    ])
+
+
 def main() -> None:
     idle = float(os.environ.get("FEDCOHORT_NODE_POLL", "0.25"))
     if idle < IDLE_SLEEP:
         patch(idle)
     from flwr.supernode.cli import flower_supernode
 
-    sys.argv[0] = "flower-supernode"
+    ours, flower_args = _split_args(sys.argv[1:])
+    if ours.silo_state_dir and ours.silo_name:
+        flower_args = guarded_args(flower_args)
+        start_app_launcher(flower_args, ours.silo_state_dir, ours.silo_name)
+    sys.argv = ["flower-supernode", *flower_args]
     flower_supernode()
 
 
