@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -55,6 +56,9 @@ def _approve(args: argparse.Namespace) -> int:
 
     study = load_study(args.study)
     parse_pins(args.pin)  # a malformed pin is refused before anything is reserved or recorded
+    for flag, value in (("--epsilon-ceiling", args.epsilon_ceiling), ("--silo-total-epsilon", args.silo_total_epsilon)):
+        if value is not None and not (math.isfinite(value) and value > 0):  # before any key, reservation or ledger
+            raise PolicyError(f"{flag} must be a positive, finite epsilon, not {value:g}")
     state_dir = Path(args.state_dir).resolve()
     print(_summary(study))
     print(f"This silo's enrolment key fingerprint (read it to the other hospitals):\n  "
@@ -93,16 +97,20 @@ def _approve(args: argparse.Namespace) -> int:
 
 
 def _start(args: argparse.Namespace) -> int:
-    """Validate, load the cohort into the resident service, then join via a SuperNode."""
-    from silo_node.service import serve
-    from silo_node.worker import Silo
+    """Validate, load the cohort into the resident service, then join via a SuperNode.
 
+    A bad study or cohort is refused before the state directory is touched and before
+    the training stack (torch, TenSEAL) is even imported.
+    """
     study = load_study(args.study)
     report = validate_cohort(args.cohort, study)
     if not report.ok:
         print(report.render(), file=sys.stderr)
         print(f"{args.cohort}: cohort fails the study's error rules; not joining", file=sys.stderr)
         return 1
+    from silo_node.service import serve
+    from silo_node.worker import Silo
+
     state_dir = Path(args.state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     connection = ["--insecure"] if args.insecure_local_demo else _tls_flags(args, state_dir)  # fail before loading
