@@ -121,17 +121,24 @@ class StudyRunner:
         return answers, [ids[i] for i in pending]
 
     def _decode(self, node: int, rep: Message, req: m.Request) -> SiloAnswer | None:
-        if rep.has_error():
+        """The silo's answer, or None: a reply that is malformed, oversized, a replay, for another
+        request or in another silo's name is dropped, logged and shown in the round record."""
+        if rep.has_error():  # e.g. the node's ClientApp failed: no payload to judge, but say so
+            reason = f"error reply from the node (Flower error {rep.error.code}: {str(rep.error.reason)[:200]})"
+            self.rejected[self.names.get(node, f"node-{node}")] = reason
+            self.audit.append("reply.error", f"node-{node}", {"node": str(node), "round": req.round, "reason": reason})
             return None
         try:
             reply = m.Reply.model_validate(dict(rep.content.config_records[m.HEADER]))
             m.check_reply(reply, req)
             self.check_identity(node, reply.silo)
-        except (KeyError, ValueError) as exc:  # malformed, replayed, wrong study or round, another silo's name
-            self.audit.append("reply.rejected", f"node-{node}", {"node": str(node), "round": req.round,
-                                                                 "reason": f"{type(exc).__name__}: {str(exc)[:200]}"})
+            arrays = {k: v.numpy() for k, v in rep.content.array_records.get(m.ARRAYS, ArrayRecord()).items()}
+            m.check_array_bytes(arrays, f"reply from node {node}")
+        except (KeyError, ValueError, TypeError) as exc:  # malformed, oversized, replayed, another silo's name
+            reason = f"{type(exc).__name__}: {str(exc)[:200]}"
+            self.rejected[self.names.get(node, f"node-{node}")] = reason  # under the node's name, never the payload's
+            self.audit.append("reply.rejected", f"node-{node}", {"node": str(node), "round": req.round, "reason": reason})
             return None
-        arrays = {k: v.numpy() for k, v in rep.content.array_records.get(m.ARRAYS, ArrayRecord()).items()}
         if reply.audit_seq:
             self.audit.witness(f"silo:{reply.silo}", reply.audit_seq, reply.audit_head)
         return SiloAnswer(node, reply, arrays)
@@ -164,7 +171,11 @@ class StudyRunner:
         """Replies that answered and carry `needed`; contributions in `screen` must also parse
         under the study context and have the shape most silos sent, or the reply is rejected
         (logged) and the round goes on with the others."""
-        ok = [a for a in answers if a.reply.status == "ok" and needed in a.arrays]
+        ok = [a for a in answers if a.reply.status == "ok"]
+        for a in ok:
+            if needed not in a.arrays:
+                self._reject(a, f"the reply says ok but carries no '{needed}' array")
+        ok = [a for a in ok if needed in a.arrays]
         for key in screen:
             ok = self._screen(ok, key)
         return ok
@@ -190,9 +201,11 @@ class StudyRunner:
         return [a for a in answers if a in good or key not in a.arrays]
 
     def _reject(self, answer: SiloAnswer, reason: str) -> None:
-        self.rejected[answer.reply.silo] = reason[:300]
-        self.audit.append("reply.rejected", answer.reply.silo, {"node": str(answer.node_id), "round": answer.reply.round,
-                                                                "reason": reason[:300]})
+        """Drop one reply, logged under the name known for its node (a payload's name is only a claim)."""
+        who = self.names.get(answer.node_id, answer.reply.silo)
+        self.rejected[who] = reason[:300]
+        self.audit.append("reply.rejected", who, {"node": str(answer.node_id), "round": answer.reply.round,
+                                                  "claimed": answer.reply.silo, "reason": reason[:300]})
 
     def _require_quorum(self, ok: list[SiloAnswer], what: str) -> None:
         if len(ok) < self.study.min_silos:
@@ -317,7 +330,7 @@ class StudyRunner:
         revealed = [a.arrays[m.POOLED_EVAL] for a in ok if m.POOLED_EVAL in a.arrays]
         pooled = None
         if self.pending_eval is not None and revealed:
-            if not all(np.allclose(r, revealed[0], atol=1e-6) for r in revealed):
+            if not all(r.shape == revealed[0].shape and np.allclose(r, revealed[0], atol=1e-6) for r in revealed):
                 raise PolicyError("silos disagree on the pooled evaluation they decrypted; study stopped")
             pooled = revealed[0]
             if self.pending_eval[0] is not None:
@@ -331,8 +344,8 @@ class StudyRunner:
         history = self._history()
         nonces = {n: self.next_nonces[self.names[n]] for n in nodes if self.names.get(n) in self.next_nonces}
         self.next_nonces = {}
+        self.rejected = {}  # filled while replies are decoded and screened, shown in the round record
         answers, dropped = self.exchange(nodes, m.TRAIN, round_no, history, nonces=nonces)
-        self.rejected = {}
         ok = self._ok(answers, m.UPDATE, screen=(m.UPDATE, m.EVAL))
         record = RoundRecord(
             round=round_no,

@@ -13,11 +13,16 @@ from policies.study import shipped_study
 
 
 def tree(root: Path) -> dict[str, str]:
-    """Every path under `root` -> sha256 of its bytes ("dir" for directories)."""
+    """Every path under `root` -> sha256 of its bytes ("dir" for directories, "special" for sockets)."""
     out = {}
     for path in sorted(Path(root).rglob("*")):
         rel = str(path.relative_to(root))
-        out[rel] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+        if path.is_dir():
+            out[rel] = "dir"
+        elif path.is_file():
+            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            out[rel] = "special"  # the silo service's socket
     return out
 
 
