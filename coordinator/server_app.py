@@ -200,9 +200,16 @@ class StudyRunner:
                 self._reject(a, f"{key} has another size or type than the other silos' contributions")
         return [a for a in answers if a in good or key not in a.arrays]
 
+    def _who(self, node: int, claimed: str) -> str:
+        """The name a reply is recorded under: its node's known name; the payload's name only
+        when no other node holds it (a name is a claim, the node id is the identity)."""
+        if node in self.names:
+            return self.names[node]
+        return f"node-{node}" if claimed in self.names.values() else claimed
+
     def _reject(self, answer: SiloAnswer, reason: str) -> None:
-        """Drop one reply, logged under the name known for its node (a payload's name is only a claim)."""
-        who = self.names.get(answer.node_id, answer.reply.silo)
+        """Drop one reply, logged under the name known for its node (see `_who`)."""
+        who = self._who(answer.node_id, answer.reply.silo)
         self.rejected[who] = reason[:300]
         self.audit.append("reply.rejected", who, {"node": str(answer.node_id), "round": answer.reply.round,
                                                   "claimed": answer.reply.silo, "reason": reason[:300]})

@@ -29,6 +29,9 @@ from policies.study import load_study, shipped_study
 from policies.validation import validate_cohort
 from silo_node.cli import main as silo_cli
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from validate_large import validate_in_child, write_big_cohort  # noqa: E402  (one file writer, one measurement)
+
 SENTINEL = -987  # a value planted in bad rows: it must never be echoed
 K = 5  # the heart study's small-cell minimum
 
@@ -243,41 +246,14 @@ def test_corrupt_data_pages_name_the_row_group(tmp_path, heart_study, sample_pat
 # ---------------------------------------------------------------- 10 million rows
 
 
-def write_big_cohort(path: Path, sample_paths, rows: int, chunk: int = 1_000_000) -> Path:
-    """`rows` rows of the Cleveland cohort repeated, written one row group per `chunk` rows."""
-    base = pa.Table.from_pandas(_frame(sample_paths), preserve_index=False)
-    reps = -(-chunk // base.num_rows)
-    block = pa.concat_tables([base] * reps).slice(0, chunk).combine_chunks()
-    with pq.ParquetWriter(path, block.schema) as writer:
-        written = 0
-        while written < rows:
-            take = min(chunk, rows - written)
-            writer.write_table(block.slice(0, take), row_group_size=chunk)
-            written += take
-    return path
-
-
-def validate_in_child(study: Path, cohort: Path, out_dir: Path) -> tuple[subprocess.CompletedProcess, int]:
-    """Run `silo-node validate --json` as its own process; return it and its peak RSS in bytes
-    (from wait4 on that one child, so no other process the test run started counts)."""
-    args = [sys.executable, "-m", "silo_node.cli", "validate", "--json", "--study", str(study), "--cohort", str(cohort)]
-    with open(out_dir / "stdout", "w+") as out, open(out_dir / "stderr", "w+") as err:
-        proc = subprocess.Popen(args, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        return subprocess.CompletedProcess(args, proc.returncode, out.read(), err.read()), usage.ru_maxrss * 1024
-
-
 @pytest.mark.slow
 def test_ten_million_rows_stream_in_bounded_memory_and_are_refused_by_max_rows(tmp_path, sample_paths):
     """Validated by streaming (memory does not grow with rows), and refused: the study's
     declared largest cohort (`cohort.max_rows`) is 1000 rows."""
     rows = 10_000_000
-    path = write_big_cohort(tmp_path / "ten_million.parquet", sample_paths, rows)
+    path = write_big_cohort(tmp_path / "ten_million.parquet", rows, source=sample_paths["cleveland"])
     assert pq.ParquetFile(path).metadata.num_rows == rows
-    proc, peak = validate_in_child(shipped_study(), path, tmp_path)
+    proc, peak, seconds = validate_in_child(shipped_study(), path, tmp_path)
     assert proc.returncode == 1, proc.stderr
     report = json.loads(proc.stdout)
     assert report["rows"] == rows
@@ -287,5 +263,6 @@ def test_ten_million_rows_stream_in_bounded_memory_and_are_refused_by_max_rows(t
     assert results["column.age.range"]["passed"]  # every row was read: the Cleveland values all pass
     assert results["column.chol.range"]["passed"]
     raw_bytes = rows * len(report["missing_per_column"]) * 8
-    print(f"10M rows: peak RSS {peak / 2**20:.0f} MiB (the columns alone would take {raw_bytes / 2**20:.0f} MiB)")
+    print(f"10M rows: {seconds:.1f} s, peak RSS {peak / 2**20:.0f} MiB (the columns alone: {raw_bytes / 2**20:.0f} MiB); "
+          "bench/validate_large.py records it")
     assert peak < raw_bytes / 2, "validation memory grows with the rows: not streaming"
