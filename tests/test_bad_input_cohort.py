@@ -25,7 +25,7 @@ import pytest
 from bad_input_helpers import approved_silo_state, tree
 
 from policies.errors import PolicyError
-from policies.study import load_study, shipped_study
+from policies.study import shipped_study
 from policies.validation import validate_cohort
 from silo_node.cli import main as silo_cli
 
