@@ -131,6 +131,8 @@ def _print_demo_lead(console: Console, state_dir: Path) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     console = Console()
+    if args.study:
+        load_study(args.study)  # a bad policy is refused before the state directory is made or archived
     state_dir = Path(args.state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     resume_after = interrupted_round(state_dir, load_study(_study_file(args, state_dir)))

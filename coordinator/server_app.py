@@ -120,18 +120,23 @@ class StudyRunner:
         return _split(decoded, nodes)
 
     def _decode(self, node: int, rep: Message, req: m.Request) -> SiloAnswer | str:
-        """The silo's answer, or why there is none (Flower's error, or why the reply was rejected)."""
-        if rep.has_error():
-            return f"no reply: Flower error {rep.error.code} ({rep.error.reason[:200]})"
+        """The silo's answer, or why there is none: Flower's error for the node, or why its reply
+        was rejected (malformed, oversized, a replay, for another request, in another silo's
+        name). Each is logged; the round record shows it under the node's known name."""
+        if rep.has_error():  # e.g. the node went away or its ClientApp failed: no payload to judge
+            reason = f"no reply: Flower error {rep.error.code} ({str(rep.error.reason)[:200]})"
+            self.audit.append("reply.error", f"node-{node}", {"node": str(node), "round": req.round, "reason": reason})
+            return reason
         try:
             reply = m.Reply.model_validate(dict(rep.content.config_records[m.HEADER]))
             m.check_reply(reply, req)
             self.check_identity(node, reply.silo)
-        except (KeyError, ValueError) as exc:  # malformed, replayed, wrong study or round, another silo's name
+            arrays = {k: v.numpy() for k, v in rep.content.array_records.get(m.ARRAYS, ArrayRecord()).items()}
+            m.check_array_bytes(arrays, f"reply from node {node}")
+        except (KeyError, ValueError, TypeError) as exc:  # malformed, oversized, replayed, another silo's name
             reason = f"{type(exc).__name__}: {str(exc)[:200]}"
             self.audit.append("reply.rejected", f"node-{node}", {"node": str(node), "round": req.round, "reason": reason})
             return f"reply rejected by the coordinator: {reason}"
-        arrays = {k: v.numpy() for k, v in rep.content.array_records.get(m.ARRAYS, ArrayRecord()).items()}
         if reply.audit_seq:
             self.audit.witness(f"silo:{reply.silo}", reply.audit_seq, reply.audit_head)
         return SiloAnswer(node, reply, arrays)
@@ -164,7 +169,11 @@ class StudyRunner:
         """Replies that answered and carry `needed`; contributions in `screen` must also parse
         under the study context and have the shape most silos sent, or the reply is rejected
         (logged) and the round goes on with the others."""
-        ok = [a for a in answers if a.reply.status == "ok" and needed in a.arrays]
+        ok = [a for a in answers if a.reply.status == "ok"]
+        for a in ok:
+            if needed not in a.arrays:
+                self._reject(a, f"the reply says ok but carries no '{needed}' array")
+        ok = [a for a in ok if needed in a.arrays]
         for key in screen:
             ok = self._screen(ok, key)
         return ok
@@ -189,10 +198,19 @@ class StudyRunner:
                 self._reject(a, f"{key} has another size or type than the other silos' contributions")
         return [a for a in answers if a in good or key not in a.arrays]
 
+    def _who(self, node: int, claimed: str) -> str:
+        """The name a reply is recorded under: its node's known name; the payload's name only
+        when no other node holds it (a name is a claim, the node id is the identity)."""
+        if node in self.names:
+            return self.names[node]
+        return f"node-{node}" if claimed in self.names.values() else claimed
+
     def _reject(self, answer: SiloAnswer, reason: str) -> None:
-        self.rejected[answer.reply.silo] = reason[:300]
-        self.audit.append("reply.rejected", answer.reply.silo, {"node": str(answer.node_id), "round": answer.reply.round,
-                                                                "reason": reason[:300]})
+        """Drop one reply, logged under the name known for its node (see `_who`)."""
+        who = self._who(answer.node_id, answer.reply.silo)
+        self.rejected[who] = reason[:300]
+        self.audit.append("reply.rejected", who, {"node": str(answer.node_id), "round": answer.reply.round,
+                                                  "claimed": answer.reply.silo, "reason": reason[:300]})
 
     def _require_quorum(self, ok: list[SiloAnswer], what: str) -> None:
         if len(ok) < self.study.min_silos:
@@ -327,7 +345,7 @@ class StudyRunner:
         revealed = [a.arrays[m.POOLED_EVAL] for a in ok if m.POOLED_EVAL in a.arrays]
         pooled = None
         if self.pending_eval is not None and revealed:
-            if not all(np.allclose(r, revealed[0], atol=1e-6) for r in revealed):
+            if not all(r.shape == revealed[0].shape and np.allclose(r, revealed[0], atol=1e-6) for r in revealed):
                 raise PolicyError("silos disagree on the pooled evaluation they decrypted; study stopped")
             pooled = revealed[0]
             if self.pending_eval[0] is not None:
@@ -341,8 +359,8 @@ class StudyRunner:
         history = self._history()
         nonces = {n: self.next_nonces[self.names[n]] for n in nodes if self.names.get(n) in self.next_nonces}
         self.next_nonces = {}
+        self.rejected = {}  # filled while replies are screened, shown in the round record
         answers, dropped = self.exchange(nodes, m.TRAIN, round_no, history, nonces=nonces)
-        self.rejected = {}
         ok = self._ok(answers, m.UPDATE, screen=(m.UPDATE, m.EVAL))
         record = RoundRecord(
             round=round_no,

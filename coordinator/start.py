@@ -42,10 +42,10 @@ def plan_start(state_dir: Path, study: Path | None, db_url: str | None = None) -
     if study is None and db_url is None and not (Path(state_dir) / DEFAULT_DB).exists():
         raise PolicyError(f"no coordinator store under {state_dir} (no {DEFAULT_DB}): nothing to resume; "
                           "give the policy with --study")
+    spec = load_study(study) if study is not None else None  # a bad policy is refused before the store is made
     store = open_store(db_url, state_dir)
     try:
-        if study is not None:
-            spec = load_study(study)
+        if study is not None and spec is not None:
             rows = [r for r in store.list_studies(all_versions=True) if (r.id, r.version) == (spec.id, spec.version)]
             if rows and rows[0].status in FINAL:
                 raise PolicyError(f"study {rows[0].label} is already {rows[0].status}; run a new version")

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import secrets
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from policies import PROTOCOL_VERSION
 from policies.errors import PolicyError
@@ -39,6 +39,25 @@ EVAL_SUM = "eval_sum"
 POOLED_EVAL = "pooled_eval"
 
 
+# Header fields are bounded: a reply's text ends up in the coordinator's store, audit log and
+# summary, so an oversized or malformed header is refused when it is parsed, not stored.
+MAX_REASON_CHARS = 2_000  # a refusal reason: enough for a person to act on
+MAX_REPORT_CHARS = 1_000_000  # a silo's counts-only report as JSON (validation report included)
+Short = Annotated[str, Field(max_length=200)]  # ids, names, hashes, nonces, timestamps
+Seq = Annotated[int, Field(ge=0)]
+#: Largest total of array bytes one message may carry either way. A CKKS update of the heart
+#: study is about 0.1 MB and a 1000-round history about 100 MB; anything bigger is refused
+#: before it is parsed, summed or replayed.
+MAX_ARRAY_BYTES = 256 * 2**20
+
+
+def check_array_bytes(arrays: dict[str, np.ndarray], what: str) -> None:
+    """Refuse an oversized message by the bytes its arrays hold (before any of them is used)."""
+    total = sum(int(getattr(a, "nbytes", 0)) for a in arrays.values())
+    if total > MAX_ARRAY_BYTES:
+        raise PolicyError(f"{what} carries {total} bytes of arrays, above the {MAX_ARRAY_BYTES}-byte limit: refused")
+
+
 def peer_key(node: str) -> str:
     return f"peer_{node}"
 
@@ -60,37 +79,49 @@ class Request(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     protocol_version: int = PROTOCOL_VERSION
-    study_id: str
-    policy_hash: str
-    round: int
-    nonce: str
-    sent_at: str = ""  # coordinator's clock, recorded by the silo; freshness comes from the nonce
-    audit_seq: int = 0  # coordinator's audit chain head, witnessed by the silo
-    audit_head: str = ""
-    ledger_seq: int = 0  # this silo's privacy-ledger head as the coordinator last witnessed it
-    ledger_head: str = ""
+    study_id: Short
+    policy_hash: Short
+    round: Seq
+    nonce: Short
+    sent_at: Short = ""  # coordinator's clock, recorded by the silo; freshness comes from the nonce
+    audit_seq: Seq = 0  # coordinator's audit chain head, witnessed by the silo
+    audit_head: Short = ""
+    ledger_seq: Seq = 0  # this silo's privacy-ledger head as the coordinator last witnessed it
+    ledger_head: Short = ""
 
 
 class Reply(BaseModel):
     """A silo's answer. `report` is the silo's own small-cell-suppressed view, as JSON."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     protocol_version: int = PROTOCOL_VERSION
-    study_id: str
-    policy_hash: str
-    round: int
-    nonce: str
-    silo: str
+    study_id: Short
+    policy_hash: Short
+    round: Seq
+    nonce: Short
+    silo: Short
     status: Literal["ok", "refused"]
-    reason: str = ""
-    report: str = "{}"
-    audit_seq: int = 0  # the silo's audit chain head, witnessed by the coordinator
-    audit_head: str = ""
-    ledger_seq: int = 0  # the silo's privacy-ledger head after this reply's charge
-    ledger_head: str = ""
+    reason: str = Field("", max_length=MAX_REASON_CHARS)
+    report: str = Field("{}", max_length=MAX_REPORT_CHARS)
+    audit_seq: Seq = 0  # the silo's audit chain head, witnessed by the coordinator
+    audit_head: Short = ""
+    ledger_seq: Seq = 0  # the silo's privacy-ledger head after this reply's charge
+    ledger_head: Short = ""
     epsilon_spent: float | None = None
     epsilon_budget: float | None = None
     rounds_left: int | None = None
+
+    @field_validator("report")
+    @classmethod
+    def _json_object(cls, report: str) -> str:
+        """The coordinator stores the report as is: it must be a JSON object, checked on arrival."""
+        try:
+            parsed = json.loads(report)
+        except ValueError:
+            raise ValueError("report is not valid JSON") from None
+        if not isinstance(parsed, dict):
+            raise ValueError(f"report is JSON {type(parsed).__name__}, not an object")
+        return report
 
     def report_dict(self) -> dict:
         return json.loads(self.report)
@@ -100,7 +131,7 @@ def refusal(req: Request, silo: str, reason: str) -> Reply:
     """A reply that declines the request and says why (never with a row or a value)."""
     return Reply(
         study_id=req.study_id, policy_hash=req.policy_hash, round=req.round, nonce=req.nonce,
-        silo=silo, status="refused", reason=reason,
+        silo=silo, status="refused", reason=reason[:MAX_REASON_CHARS],
     )
 
 

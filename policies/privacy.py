@@ -26,7 +26,7 @@ class PrivacyPolicy(BaseModel):
     same RDP accountant. Larger shares give cleaner statistics and noisier training.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # epsilon .inf is no budget
 
     epsilon: float = Field(gt=0)
     delta: float = Field(gt=0, lt=1)

@@ -14,7 +14,7 @@ ColumnType = Literal["integer", "float", "string", "boolean"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # a rule bound of .inf/.nan checks nothing
 
 
 class ColumnRule(_Strict):

@@ -24,7 +24,7 @@ STUDIES_DIR = Path(__file__).resolve().parent / "studies"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # .inf / .nan are never a setting
 
 
 class Governance(_Strict):
@@ -56,7 +56,7 @@ class ModelSpec(_Strict):
 
 class Training(_Strict):
     rounds: int = Field(15, ge=1, le=1000)
-    local_steps: int = Field(100, ge=1)
+    local_steps: int = Field(100, ge=1, le=100_000)  # per round; beyond this a round never ends
     batch_size: int = Field(4, ge=1)
     strategy: Literal["fedavg", "fedyogi"] = "fedyogi"
     client_lr: float = Field(0.003162, gt=0)
@@ -107,6 +107,11 @@ class StudySpec(_Strict):
                 f"protocol_version {self.protocol_version} is not supported by this fedcohort "
                 f"(speaks protocol {PROTOCOL_VERSION}); upgrade or use a matching policy"
             )
+        if self.training.batch_size > self.cohort.max_rows:
+            raise ValueError(
+                f"training.batch_size {self.training.batch_size} is above cohort.max_rows {self.cohort.max_rows}: "
+                "no silo could fill one batch"
+            )
         known = set(self.cohort.columns)
         for col in [*self.features.numeric, *self.features.one_hot, *self.features.drop_columns]:
             if col not in known:
@@ -153,6 +158,8 @@ def _format_validation_error(source: str, exc: ValidationError) -> str:
 
 
 def study_from_dict(data: Any, source: str) -> StudySpec:
+    if data is None:
+        raise PolicyError(f"{source}: the study policy is empty (no YAML mapping in it)")
     if not isinstance(data, dict):
         raise PolicyError(f"{source}: a study policy must be a YAML mapping at the top level")
     try:

@@ -26,17 +26,61 @@ from policies.study import StudySpec
 Count = int | str
 
 
+PARQUET_MAGIC = b"PAR1"  # a Parquet file starts and ends with these four bytes
+
+
 def open_parquet(path: str | Path) -> pq.ParquetFile:
-    """Open a cohort file, turning missing or non-Parquet files into clear errors."""
+    """Open a cohort file, turning missing, truncated or non-Parquet files into clear errors.
+
+    The magic bytes are checked first, so a CSV, a truncated copy or a file of another
+    format gets a message that says which, instead of Arrow's internal wording (and the
+    message never quotes the file's content).
+    """
     path = Path(path)
     if not path.exists():
         raise PolicyError(f"{path}: cohort file not found")
+    if path.is_dir():
+        raise PolicyError(f"{path}: cohort path is a directory, not a file; give the Parquet file itself "
+                          "(partitioned datasets are not supported)")
     if not path.is_file():
         raise PolicyError(f"{path}: cohort path is not a file")
+    _check_magic(path)
     try:
         return pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise PolicyError(f"{path}: not a readable Parquet file ({type(exc).__name__})") from None
+        raise PolicyError(f"{path}: not a readable Parquet file: its footer (the schema) cannot be read; "
+                          f"damaged or truncated? ({type(exc).__name__})") from None
+
+
+def _check_magic(path: Path) -> None:
+    """Refuse an empty, non-Parquet or truncated file by its first and last four bytes."""
+    size = path.stat().st_size
+    if size == 0:
+        raise PolicyError(f"{path}: not a readable Parquet file: it is empty (0 bytes)")
+    with path.open("rb") as fh:
+        head = fh.read(4)
+        fh.seek(max(size - 4, 0))
+        tail = fh.read(4)
+    if head != PARQUET_MAGIC:
+        hint = "; it looks like CSV or other text: convert it to Parquet first" if _looks_like_text(path) else ""
+        raise PolicyError(f"{path}: not a readable Parquet file: it does not start with the Parquet magic bytes "
+                          f"'PAR1'{hint}")
+    if tail != PARQUET_MAGIC or size < 12:
+        raise PolicyError(f"{path}: not a readable Parquet file: it does not end with the Parquet magic bytes "
+                          f"'PAR1' ({size} bytes): truncated, or copied before it was completely written")
+
+
+def _looks_like_text(path: Path) -> bool:
+    """A CSV or TSV export is the usual wrong file: UTF-8 text with a separator on its first line."""
+    if path.suffix.lower() in (".csv", ".tsv", ".txt"):
+        return True
+    with path.open("rb") as fh:
+        start = fh.read(4096)
+    try:
+        first = start.decode("utf-8").splitlines()[0] if start else ""
+    except UnicodeDecodeError:
+        return False
+    return any(sep in first for sep in (",", ";", "\t"))
 
 
 def suppress(count: int, k: int) -> Count:
@@ -122,11 +166,11 @@ class ValidationReport(BaseModel):
 
 # ---------------------------------------------------------------- type compatibility
 
-TypeStatus = Literal["ok", "check_whole", "bad"]
+TypeStatus = Literal["ok", "check_whole", "check_finite", "bad"]
 
 
 def _type_status(expected: str, arrow_type: pa.DataType) -> TypeStatus:
-    """Decide from the schema alone where possible; floats under an integer rule need the values."""
+    """Decide from the schema alone where possible; floats need their values (whole? finite?)."""
     if pa.types.is_null(arrow_type):
         return "ok"  # an all-null column has no values of a wrong type; the missing rule judges it
     if expected == "integer":
@@ -134,7 +178,9 @@ def _type_status(expected: str, arrow_type: pa.DataType) -> TypeStatus:
             return "ok"
         return "check_whole" if pa.types.is_floating(arrow_type) else "bad"
     if expected == "float":
-        return "ok" if pa.types.is_floating(arrow_type) or pa.types.is_integer(arrow_type) else "bad"
+        if pa.types.is_integer(arrow_type):
+            return "ok"
+        return "check_finite" if pa.types.is_floating(arrow_type) else "bad"  # infinities are not measurements
     if expected == "string":
         return "ok" if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) else "bad"
     return "ok" if pa.types.is_boolean(arrow_type) else "bad"
@@ -180,7 +226,7 @@ class _ColumnTally:
     rule: ColumnRule
     status: TypeStatus
     missing: int = 0
-    not_whole: int = 0
+    wrong_values: int = 0  # present values the type rule refuses: not whole, or infinite
     out_of_range: int = 0
     not_in_categories: int = 0
     value_set: pa.Array | None = None
@@ -189,9 +235,11 @@ class _ColumnTally:
         self.missing += _missing(arr)
         if self.status == "bad" or pa.types.is_null(arr.type):
             return
-        if self.status == "check_whole":
-            whole = pc.and_(pc.is_finite(arr), pc.equal(arr, pc.floor(arr)))
-            self.not_whole += _count(pc.and_(_present(arr), pc.invert(whole)))
+        if self.status in ("check_whole", "check_finite"):
+            fits = pc.is_finite(arr)
+            if self.status == "check_whole":
+                fits = pc.and_(fits, pc.equal(arr, pc.floor(arr)))
+            self.wrong_values += _count(pc.and_(_present(arr), pc.invert(fits)))
         if self.rule.range is not None:
             lo, hi = self.rule.range
             self.out_of_range += _count(pc.or_(pc.less(arr, lo), pc.greater(arr, hi)))
@@ -203,7 +251,7 @@ class _ColumnTally:
 
     @property
     def type_ok(self) -> bool:
-        return self.status == "ok" or (self.status == "check_whole" and self.not_whole == 0)
+        return self.status != "bad" and self.wrong_values == 0
 
 
 @dataclass
@@ -275,7 +323,7 @@ def _categories_text(rule: ColumnRule) -> str:
 
 _TYPE_TEXT = {
     "integer": "values must be integers (any integer type, or floats holding whole numbers)",
-    "float": "values must be numbers (any floating or integer type)",
+    "float": "values must be finite numbers (any floating or integer type; NaN counts as missing)",
     "string": "values must be text (string or large_string)",
     "boolean": "values must be booleans",
 }
@@ -311,7 +359,7 @@ def _type_result(ctx: _Ctx, name: str, tally: _ColumnTally, arrow_type: pa.DataT
     if tally.status == "bad":
         return ctx.result(f"column.{name}.type", name, "error", False, ctx.rows,
                           f"{text}; the file stores {arrow_type}, so every row counts")
-    return ctx.result(f"column.{name}.type", name, "error", tally.type_ok, tally.not_whole, text)
+    return ctx.result(f"column.{name}.type", name, "error", tally.type_ok, tally.wrong_values, text)
 
 
 def _missing_result(ctx: _Ctx, name: str, tally: _ColumnTally) -> RuleResult:
@@ -352,6 +400,16 @@ def _min_rows_result(ctx: _Ctx) -> RuleResult:
     passed = ctx.rows >= need
     return ctx.result("cohort.min_rows", None, "error", passed, 0 if passed else ctx.rows,
                       f"cohort must have at least {need} rows (count shown: rows present)")
+
+
+def _max_rows_result(ctx: _Ctx) -> RuleResult:
+    """Aggregation weights and CKKS bounds are scaled by the study's declared largest cohort:
+    a bigger one would overflow them, so it is refused here rather than mid-study."""
+    limit = ctx.study.cohort.max_rows
+    passed = ctx.rows <= limit
+    return ctx.result("cohort.max_rows", None, "error", passed, 0 if passed else ctx.rows,
+                      f"cohort must have at most {limit} rows, the study's declared largest cohort "
+                      "(count shown: rows present)")
 
 
 def _label_result(ctx: _Ctx, label: _LabelTally | None, usable: bool) -> RuleResult:
@@ -423,14 +481,18 @@ def _plan(study: StudySpec, arrow_schema: pa.Schema, rows: int, path: Path) -> _
 
 
 def _stream(pf: pq.ParquetFile, scan: _Scan, batch_rows: int, path: Path) -> None:
-    """Read only the schema's columns, one bounded batch at a time."""
+    """Read only the schema's columns, one bounded batch at a time, row group by row group
+    (so a damaged file is reported with the row group that could not be read)."""
     if not scan.columns():
         return
-    try:
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=scan.columns()):
-            scan.update(batch)
-    except (pa.ArrowException, OSError) as exc:
-        raise PolicyError(f"{path}: Parquet file could not be read to the end ({type(exc).__name__})") from None
+    groups = pf.num_row_groups
+    for group in range(groups):
+        try:
+            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[group], columns=scan.columns()):
+                scan.update(batch)
+        except (pa.ArrowException, OSError) as exc:
+            raise PolicyError(f"{path}: Parquet file could not be read to the end: row group {group + 1} of {groups} "
+                              f"is damaged or truncated ({type(exc).__name__})") from None
 
 
 def _numeric(arrow_type: pa.DataType) -> bool:
@@ -470,6 +532,7 @@ def validate_cohort(path: str | Path, study: StudySpec, batch_rows: int = 65536)
         else:
             results += _column_results(ctx, name, tally, arrow_schema.field(name).type)
     results.append(_min_rows_result(ctx))
+    results.append(_max_rows_result(ctx))
     results.append(_label_result(ctx, scan.label, _label_usable(study, scan)))
     dup = _duplicate_result(ctx, scan.ids)
     if dup is not None:

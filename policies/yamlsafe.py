@@ -37,8 +37,9 @@ class _NoAliasLoader(yaml.SafeLoader):
 
 def load_yaml_text(text: str, source: str) -> Any:
     """Parse policy YAML from text; `source` names it in errors."""
-    if len(text.encode("utf-8")) > MAX_POLICY_BYTES:
-        raise PolicyError(f"{source}: policy file is larger than {MAX_POLICY_BYTES} bytes; refused")
+    size = len(text.encode("utf-8"))
+    if size > MAX_POLICY_BYTES:
+        raise PolicyError(f"{source}: policy text is {size} bytes, larger than the {MAX_POLICY_BYTES}-byte limit; refused")
     try:
         return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - safe loader subclass
     except PolicyError as exc:

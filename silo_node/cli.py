@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -74,6 +75,9 @@ def _approve(args: argparse.Namespace) -> int:
 
     study = load_study(args.study)
     parse_pins(args.pin)  # a malformed pin is refused before anything is reserved or recorded
+    for flag, value in (("--epsilon-ceiling", args.epsilon_ceiling), ("--silo-total-epsilon", args.silo_total_epsilon)):
+        if value is not None and not (math.isfinite(value) and value > 0):  # before any key, reservation or ledger
+            raise PolicyError(f"{flag} must be a positive, finite epsilon, not {value:g}")
     state_dir = Path(args.state_dir).resolve()
     print(_summary(study))
     print(f"This silo's enrolment key fingerprint (read it to the other hospitals):\n  "
@@ -112,16 +116,17 @@ def _approve(args: argparse.Namespace) -> int:
 
 
 def _start(args: argparse.Namespace) -> int:
-    """Validate, load the cohort into the resident service, then join via a SuperNode."""
-    from silo_node.service import serve
-    from silo_node.worker import Silo
+    """Validate, load the cohort into the resident service, then join via a SuperNode.
 
+    A bad study or cohort is refused before the state directory is touched and before
+    the training stack (torch, TenSEAL) is even imported.
+    """
     from silo_node.cohort import CohortFingerprint
     from silo_node.state_format import check_state_format, mark_state_format
 
     state_dir = Path(args.state_dir).resolve()
     if state_dir.exists():
-        check_state_format(state_dir)  # before anything reads or writes the state
+        check_state_format(state_dir)  # reads only: a state from an unknown version is refused first
     study = load_study(args.study)
     report = validate_cohort(args.cohort, study)
     if not report.ok:
@@ -129,6 +134,9 @@ def _start(args: argparse.Namespace) -> int:
         print(f"{args.cohort}: cohort fails the study's error rules; not joining", file=sys.stderr)
         return 1
     fingerprint = CohortFingerprint.of(args.cohort)  # every round checks the file against this
+    from silo_node.service import serve
+    from silo_node.worker import Silo
+
     state_dir.mkdir(parents=True, exist_ok=True)
     mark_state_format(state_dir)
     connection = ["--insecure"] if args.insecure_local_demo else _tls_flags(args, state_dir)  # fail before loading

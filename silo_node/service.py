@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from pydantic import ValidationError
 
 from policies import messages as m
 from policies.audit import AuditLog, open_party_log
@@ -56,12 +57,21 @@ def handle(silo, log: AuditLog, kind: str, header: dict, arrays: dict[str, np.nd
     If the silo cannot write its own audit log (a full disk), nothing but a refusal
     leaves, and that refusal says why, so the coordinator records what the silo could not.
     """
-    req = m.Request.model_validate(header)
+    try:
+        req = m.Request.model_validate(header)
+    except (ValidationError, TypeError) as exc:  # no request to refuse: log why and answer with an error
+        reason = f"malformed request header ({_problems(exc)}): refused"
+        log.append("request.malformed", "coordinator", {"kind": str(kind)[:60], "reason": reason[:500]})
+        return {"error": reason}, {}
     subject = f"{req.study_id}/round-{req.round}"
+    known = isinstance(kind, str) and kind in _WORK
     try:
         if req.audit_seq:
             log.witness("coordinator", req.audit_seq, req.audit_head)
-        silo.check(req)
+        if not known:
+            raise PolicyError(f"unknown request kind {str(kind)[:60]!r}; this silo answers {', '.join(sorted(_WORK))}")
+        silo.check(req)  # study, policy hash, approval: before any array is looked at
+        check_request_arrays(silo.study, kind, arrays)
         if kind in _USES_COHORT:
             silo.check_cohort()
         out, counts, privacy = _WORK[kind](silo, req, arrays)
@@ -71,7 +81,13 @@ def handle(silo, log: AuditLog, kind: str, header: dict, arrays: dict[str, np.nd
         details = {"epsilon_spent": privacy["epsilon_spent"], "ledger_seq": privacy["ledger_seq"]} if privacy else {}
     except PolicyError as exc:
         out, reply = {}, m.refusal(req, silo.name, str(exc))
-        action, details = f"{kind.split('.')[-1]}.refused", {"reason": str(exc)[:500]}
+        action = f"{kind.split('.')[-1]}.refused" if known else "request.refused"  # never a name the sender chose
+        details = {"reason": str(exc)[:500]}
+    except (ValueError, TypeError, IndexError, KeyError) as exc:  # arrays that passed the checks but do not fit
+        traceback.print_exc()  # the details stay here: a message could quote a value from the cohort
+        reason = f"the request could not be processed ({type(exc).__name__}); details are in the silo's own log"
+        out, reply = {}, m.refusal(req, silo.name, reason)
+        action, details = f"{kind.split('.')[-1]}.refused", {"reason": reason}
     try:
         entry = log.append(action, subject, details | {"nonce": req.nonce, "coordinator_time": req.sent_at})
     except PolicyError as exc:  # the audit is append-only and fails whole: it was left as it was
@@ -79,6 +95,42 @@ def handle(silo, log: AuditLog, kind: str, header: dict, arrays: dict[str, np.nd
         lost = m.refusal(req, silo.name, f"{before}this silo cannot write its audit log ({exc}): nothing sent")
         return lost.model_dump(), {}
     return reply.model_copy(update={"audit_seq": entry.seq, "audit_head": entry.hash}).model_dump(), out
+
+
+def _problems(exc: Exception) -> str:
+    """Which header fields are wrong, in pydantic's words, without echoing their values."""
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'header'}: {e['msg']}" for e in exc.errors()[:5])
+    return f"{type(exc).__name__}: the header is not a mapping"
+
+
+def _history_array(name: str) -> bool:
+    return name in (m.STATS_SUM, m.EVAL_SUM) or (name.startswith("agg_") and name[4:].isdigit())
+
+
+def check_request_arrays(study, kind: str, arrays: dict) -> None:
+    """Refuse garbage arrays by name, shape, type, count and size before any work uses them.
+
+    History vectors must be flat and of the study's encoding (float64 plaintext, uint8
+    ciphertext); keys and sealed blobs are bytes; a history longer than the study's rounds
+    cannot be real. Contents are then checked where they are parsed (CKKS blobs, sums).
+    """
+    m.check_array_bytes(arrays, f"{kind} request")
+    encoded = np.dtype(np.uint8) if study.encryption == "ckks" else np.dtype(np.float64)
+    for name, arr in arrays.items():
+        if _history_array(name):
+            want = encoded
+        elif name == m.SEALED or name.startswith("peer_"):
+            want = np.dtype(np.uint8)
+        else:
+            raise PolicyError(f"{kind} request carries an unknown array {str(name)[:40]!r}: refused")
+        if not isinstance(arr, np.ndarray) or arr.ndim != 1 or arr.dtype != want:
+            shape = f"{arr.dtype} {arr.shape}" if isinstance(arr, np.ndarray) else type(arr).__name__
+            raise PolicyError(f"{kind} request array '{name}' is {shape}, not a flat {want} vector: refused")
+    rounds = sum(1 for name in arrays if name.startswith("agg_"))
+    if rounds > study.training.rounds:
+        raise PolicyError(f"{kind} request carries {rounds} aggregates, the study has {study.training.rounds} "
+                          "rounds: refused")
 
 
 def _bytes(arr: np.ndarray) -> bytes:
@@ -200,14 +252,15 @@ def serve(state_dir: Path, silo, stop: Callable[[], bool] = lambda: False) -> No
                 header: object = {}
                 try:
                     kind, header, arrays = conn.recv()
-                    key = (kind, int(header.get("round", -1)), str(header.get("nonce", "")))
-                    reply = outbox.get(key)
+                    key = _outbox_key(kind, header)
+                    reply = outbox.get(key) if key else None
                     if reply is None:
                         reply = handle(silo, log, kind, header, arrays)
-                        try:
-                            outbox.put(key, reply)  # a train reply is on disk before it leaves
-                        except PolicyError as exc:  # e.g. a full disk: it must not leave
-                            reply = _unsent(log, reply, str(exc))
+                        if key:
+                            try:
+                                outbox.put(key, reply)  # a train reply is on disk before it leaves
+                            except PolicyError as exc:  # e.g. a full disk: it must not leave
+                                reply = _unsent(log, reply, str(exc))
                     else:  # a resend of the same request costs nothing
                         log.append("request.resent", f"{header.get('study_id')}/round-{key[1]}",
                                    {"kind": kind, "nonce": key[2], "answered_from": "outbox: nothing recomputed or charged"})
@@ -275,6 +328,16 @@ def record_unsent_charges(silo, log: AuditLog) -> None:
         log.append(UNSENT_ACTION, f"{silo.study.id}/round-{c.round}", {
             "ledger_seq": c.seq, "nonce": c.nonce, "kind": c.kind, "epsilon_after": c.epsilon_after,
             "why": "charged, then the silo stopped before recording the reply as sent; the spend stands"})
+
+
+def _outbox_key(kind: object, header: object) -> tuple[str, int, str] | None:
+    """(kind, round, nonce) of a well-formed request; None for one `handle` will refuse anyway."""
+    if not isinstance(kind, str) or kind not in _WORK or not isinstance(header, dict):
+        return None
+    round_no, nonce = header.get("round"), header.get("nonce")
+    if not isinstance(round_no, int) or not isinstance(nonce, str) or len(nonce) > 200:
+        return None
+    return kind, round_no, nonce
 
 
 def call(state_dir: Path, kind: str, header: dict, arrays: dict[str, np.ndarray]) -> Payload:
