@@ -341,6 +341,8 @@ class StudyRunner:
             refused={a.reply.silo: a.reply.reason for a in answers if a.reply.status != "ok"}
             | {self.names.get(n, str(n)): "no reply in time" for n in dropped}
             | {silo: f"rejected by the coordinator: {why}" for silo, why in self.rejected.items()},
+            bytes_down=len(nodes) * sum(np.asarray(v).nbytes for v in history.values()),
+            bytes_up=sum(v.nbytes for a in answers for v in a.arrays.values()),
         )
         self.state.rounds.append(record)
         self._require_quorum(ok, f"round {round_no}")

@@ -13,9 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import traceback
-from multiprocessing.connection import Client, Listener
+from multiprocessing.connection import Listener
 from pathlib import Path
 from typing import Callable
 
@@ -26,24 +25,7 @@ from policies.audit import AuditLog, open_party_log
 from policies.errors import PolicyError
 from policies.validation import suppress
 from silo_node.outbox import Outbox
-
-SOCKET_NAME = "silo.sock"
-KEY_NAME = "silo.key"
-
-Payload = tuple[dict, dict[str, np.ndarray]]
-
-
-def socket_path(state_dir: Path) -> Path:
-    return Path(state_dir) / SOCKET_NAME
-
-
-def _authkey(state_dir: Path, create: bool) -> bytes:
-    path = Path(state_dir) / KEY_NAME
-    if create:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(32))
-    return path.read_text().strip().encode()
+from silo_node.service_socket import Payload, authkey, call, socket_path  # noqa: F401  (call: the relay's side)
 
 
 def handle(silo, log: AuditLog, kind: str, header: dict, arrays: dict[str, np.ndarray]) -> Payload:
@@ -175,7 +157,7 @@ def serve(state_dir: Path, silo, stop: Callable[[], bool] = lambda: False) -> No
         "policy_hash": silo.study.policy_hash(),
         "train_rows": suppress(len(silo.design.train_idx), silo.study.small_cell_min),
     })
-    with Listener(str(path), family="AF_UNIX", authkey=_authkey(state_dir, create=True)) as listener:
+    with Listener(str(path), family="AF_UNIX", authkey=authkey(state_dir, create=True)) as listener:
         os.chmod(path, 0o600)
         while not stop():
             try:
@@ -200,13 +182,3 @@ def serve(state_dir: Path, silo, stop: Callable[[], bool] = lambda: False) -> No
                     # the traceback stays in this silo's own log; the coordinator gets the type only
                     traceback.print_exc()
                     conn.send(({"error": f"{type(exc).__name__} in silo service"}, {}))
-
-
-def call(state_dir: Path, kind: str, header: dict, arrays: dict[str, np.ndarray]) -> Payload:
-    """Relay one request to the silo's service (used by the ClientApp)."""
-    path = socket_path(Path(state_dir))
-    if not path.exists():
-        raise PolicyError(f"silo service is not running (no socket at {path}); start it with `silo-node start`")
-    with Client(str(path), family="AF_UNIX", authkey=_authkey(Path(state_dir), create=False)) as conn:
-        conn.send((kind, header, arrays))
-        return conn.recv()
