@@ -339,6 +339,25 @@ def print_table(rows: list[dict[str, Any]], console: Console) -> None:
     console.print(table)
 
 
+def mem_available_mib() -> int:
+    """MemAvailable: what the other users of this shared machine left us."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) // 1024
+    return -1
+
+
+def attempt(n: int, layout: str, rounds: int) -> dict[str, Any]:
+    """One N; a run that does not complete is kept as a row that says why (the others still count)."""
+    free = mem_available_mib()
+    with tempfile.TemporaryDirectory(prefix=f"fedcohort-scale-{n}-") as tmp:
+        try:
+            row = run_scale(n, rounds, Path(tmp), layout)
+        except (RuntimeError, OSError) as exc:
+            row = {"silos": n, "layout": layout, "status": "failed", "reason": str(exc)[:500]}
+    return {"status": "completed", **row, "mem_available_mib_before": free}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--silos", type=int, nargs="+", default=[4, 16, 32])
@@ -352,18 +371,36 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     limit_threads(args.threads)
     load_before = list(os.getloadavg())
-    runs = [(n, "separate") for n in args.separate] + [(n, "host") for n in args.silos]
-    rows = []
-    for n, layout in runs:
-        with tempfile.TemporaryDirectory(prefix=f"fedcohort-scale-{n}-") as tmp:
-            rows.append(run_scale(n, args.rounds, Path(tmp), layout))
+    import flwr
+    import tenseal
+    import torch
+
+    versions = {"flwr": flwr.__version__, "torch": torch.__version__, "tenseal": tenseal.__version__}
+    rows: list[dict[str, Any]] = []
+    for n, layout in [(n, "host") for n in args.silos] + [(n, "separate") for n in args.separate]:
+        rows.append(attempt(n, layout, args.rounds))
         r = rows[-1]
-        console.print(f"{n} silos ({layout}): median {r['median_round_s']:.1f} s/round, first round at "
-                      f"{r['time_to_first_round_s']} s, silos PSS {r['silos_peak_pss_mib']:.0f} MiB, "
-                      f"load {r['load_average_after'][0]:.1f}")
-    growth = fit_growth([r for r in rows if r["layout"] == "host"])
-    report = {
-        "rows": rows, "growth": growth, "growth_over": "layout host", "threads_per_process": args.threads,
+        console.print(f"{n} silos ({layout}): " + (
+            f"median {r['median_round_s']:.1f} s/round, first round at {r['time_to_first_round_s']} s, "
+            f"silos PSS {r['silos_peak_pss_mib']:.0f} MiB, load {r['load_average_after'][0]:.1f}"
+            if r["status"] == "completed" else f"FAILED: {r['reason']}"))
+        report = make_report(rows, args.threads, load_before)  # after every N: a late failure keeps the rest
+        write_report(report, args.out, "bench/scale.py", began, **versions)
+    done = [r for r in rows if r["status"] == "completed"]
+    plotted = plot(done, report["growth"], args.out.with_suffix(".png"))
+    print_table(done, console)
+    if report["growth"]:
+        g = report["growth"]
+        console.print(f"growth: {g['round_s_per_added_silo']:.2f} s per added silo per round; "
+                      f"silo memory {g['silo_pss_mib_per_added_silo']:.0f} MiB PSS per added silo")
+    console.print(f"wrote {args.out}" + (f" and {args.out.with_suffix('.png')}" if plotted else ""))
+    return 0 if len(done) == len(rows) else 1
+
+
+def make_report(rows: list[dict[str, Any]], threads: int, load_before: list[float]) -> dict[str, Any]:
+    return {
+        "rows": rows, "growth": fit_growth([r for r in rows if r["layout"] == "host" and r["status"] == "completed"]),
+        "growth_over": "layout host, completed runs", "threads_per_process": threads, "node_poll_s": 0.25,
         "cohorts": "each hospital file split into disjoint shards in proportion to its rows (largest remainder, "
                    f"at least one each, every shard >= the study's min_rows), dealt round-robin by label and completeness "
                    f"after a seeded shuffle (seed {SHARD_SEED}); N=4 is the four files; no rows or features invented",
@@ -372,19 +409,6 @@ def main(argv: list[str] | None = None) -> int:
             "load_average_before": load_before, "load_average_after": list(os.getloadavg()),
             "shared": "shared with other users' jobs while measured: compare within one run"},
     }
-    import flwr
-    import tenseal
-    import torch
-
-    write_report(report, args.out, "bench/scale.py", began, flwr=flwr.__version__,
-                 torch=torch.__version__, tenseal=tenseal.__version__)
-    plotted = plot(rows, growth, args.out.with_suffix(".png"))
-    print_table(rows, console)
-    if growth:
-        console.print(f"growth: {growth['round_s_per_added_silo']:.2f} s per added silo per round; "
-                      f"silo memory {growth['silo_pss_mib_per_added_silo']:.0f} MiB PSS per added silo")
-    console.print(f"wrote {args.out}" + (f" and {args.out.with_suffix('.png')}" if plotted else ""))
-    return 0
 
 
 if __name__ == "__main__":

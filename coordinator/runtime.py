@@ -213,11 +213,16 @@ class LocalFederation:
         return _run_id(out.stdout)
 
     def run_status(self, run_id: str) -> str:
-        out = subprocess.run(
-            [_tool("flwr"), "ls", "local", "--run-id", run_id, "--format", "json"],
-            env=flower_env(self.flwr_home, self.env_extra), cwd=self.work_dir,
-            capture_output=True, text=True, timeout=60,
-        )
+        """Flower's status of the run, or "unknown" (also when `flwr ls` is too slow to answer:
+        on a loaded machine it can take a minute, and a status check must not end the study)."""
+        try:
+            out = subprocess.run(
+                [_tool("flwr"), "ls", "local", "--run-id", run_id, "--format", "json"],
+                env=flower_env(self.flwr_home, self.env_extra), cwd=self.work_dir,
+                capture_output=True, text=True, timeout=60,
+            )
+        except subprocess.TimeoutExpired:
+            return "unknown"
         try:
             runs = json.loads(out.stdout).get("runs", [])
             return str(runs[0].get("status", "unknown")) if runs else "unknown"
