@@ -29,6 +29,7 @@ evaluation ciphertexts up). Writes bench/results/scale.json and scale.png.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -358,6 +359,15 @@ def attempt(n: int, layout: str, rounds: int) -> dict[str, Any]:
     return {"status": "completed", **row, "mem_available_mib_before": free}
 
 
+def kept_rows(path: Path) -> list[dict[str, Any]]:
+    """The completed runs of an earlier, interrupted invocation (each row has its own load average)."""
+    try:
+        rows = json.loads(path.read_text())["rows"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return []
+    return [dict(r, resumed=True) for r in rows if r.get("status") == "completed"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--silos", type=int, nargs="+", default=[4, 16, 32])
@@ -366,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="OpenMP/BLAS threads per process")
     ap.add_argument("--out", type=Path, default=OUT, help="JSON path; the PNG goes next to it")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the completed runs already in --out and run only the missing ones (in the order given)")
     args = ap.parse_args(argv)
     began = time.perf_counter()
     console = Console()
@@ -376,8 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     versions = {"flwr": flwr.__version__, "torch": torch.__version__, "tenseal": tenseal.__version__}
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = kept_rows(args.out) if args.resume else []
     for n, layout in [(n, "host") for n in args.silos] + [(n, "separate") for n in args.separate]:
+        if any((r["silos"], r["layout"]) == (n, layout) for r in rows):
+            continue
         rows.append(attempt(n, layout, args.rounds))
         r = rows[-1]
         console.print(f"{n} silos ({layout}): " + (
