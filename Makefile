@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) bench/dp_utility.py --jobs 2
 	$(PY) bench/audit_throughput.py
 	$(PY) bench/round_latency.py
+	$(PY) bench/scale.py
 
 ui: $(STAMP)
 	$(VENV)/bin/coordinator ui --state-dir $(STATE)

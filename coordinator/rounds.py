@@ -33,6 +33,8 @@ class RoundRecord:
     per_silo: dict[str, dict] = field(default_factory=dict)
     privacy: dict[str, dict] = field(default_factory=dict)  # silo -> epsilon spent, budget, rounds left
     seconds: float = 0.0
+    bytes_down: int = 0  # array bytes of the requests sent (history to every silo)
+    bytes_up: int = 0  # array bytes of the replies received (updates, evaluations)
 
 
 @dataclass
@@ -107,7 +109,8 @@ class StudyState:
             "rounds": len(self.aggregates),
             "history": [
                 {"round": r.round, "asked": r.asked, "replied": r.replied, "refused": r.refused,
-                 "pooled_entering_model": r.pooled, "privacy": r.privacy, "seconds": r.seconds}
+                 "pooled_entering_model": r.pooled, "privacy": r.privacy, "seconds": r.seconds,
+                 "bytes_down": r.bytes_down, "bytes_up": r.bytes_up}
                 for r in self.rounds
             ],
             "final": self.final,

@@ -369,6 +369,8 @@ class StudyRunner:
             refused={a.reply.silo: a.reply.reason for a in answers if a.reply.status != "ok"}
             | {self.names.get(n, str(n)): why for n, why in dropped.items()}
             | {silo: f"rejected by the coordinator: {why}" for silo, why in self.rejected.items()},
+            bytes_down=len(nodes) * sum(np.asarray(v).nbytes for v in history.values()),
+            bytes_up=sum(v.nbytes for a in answers for v in a.arrays.values()),
         )
         # a silo restarted mid-study answers from a new node: its old node's silence is not a refusal
         record.refused = {silo: why for silo, why in record.refused.items() if silo not in record.replied}

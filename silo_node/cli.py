@@ -2,6 +2,7 @@
 
   silo-node validate --study STUDY.yaml --cohort FILE.parquet
   silo-node start --study STUDY.yaml --cohort FILE.parquet --state-dir DIR --superlink HOST:PORT --name NAME
+  silo-node host --silos FILE                    (several co-located silos: one line of `start` arguments each)
   silo-node certs request --state-dir DIR        (SuperNode key; send node-auth.pub to the coordinator)
   silo-node certs trust CA.crt --state-dir DIR   (the study CA the coordinator sent)
   silo-node backup --state-dir DIR --out FILE (--passphrase-file F | --passphrase-stdin | --key-file F)
@@ -165,6 +166,9 @@ def _start(args: argparse.Namespace) -> int:
     node = SuperNodeKeeper(cmd, env)  # restarts the SuperNode if it exits (e.g. a new SuperLink)
 
     def _stop(*_: object) -> None:
+        # once: a second signal (e.g. the group's and a host's) must not cut short stopping the SuperNode
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, _stop)
@@ -355,6 +359,13 @@ def _restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _host(args: argparse.Namespace) -> int:
+    """Several silos from one process image: torch, tenseal and opacus imported once, one fork per silo."""
+    from silo_node.host import host, read_silo_lines
+
+    return host(read_silo_lines(Path(args.silos)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="silo-node", description="fedcohort silo node (runs at the hospital)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -415,6 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--require-superlink", action="store_true",
                    help="also fail when the coordinator's SuperLink does not accept connections")
     h.set_defaults(func=_health)
+    hs = sub.add_parser("host", help="run several silos on this machine, importing torch, tenseal and opacus once")
+    hs.add_argument("--silos", required=True, metavar="FILE",
+                   help="one silo per line: the arguments of its `silo-node start` (each forked from one process)")
+    hs.set_defaults(func=_host)
     c = sub.add_parser("certs", help="TLS and SuperNode authentication for this silo")
     certs_sub = c.add_subparsers(dest="certs_command", required=True)
     cr = certs_sub.add_parser("request", help="make this silo's SuperNode key pair; prints the public key to send")

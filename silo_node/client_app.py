@@ -13,7 +13,7 @@ from flwr.clientapp import ClientApp
 
 from policies import messages as m
 from policies.errors import PolicyError
-from silo_node.service import call
+from silo_node.service_socket import call
 
 app = ClientApp()
 

@@ -13,9 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import traceback
-from multiprocessing.connection import Client, Listener
+from multiprocessing.connection import Listener
 from pathlib import Path
 from typing import Callable
 
@@ -27,25 +26,9 @@ from policies.audit import AuditLog, open_party_log
 from policies.errors import PolicyError
 from policies.validation import suppress
 from silo_node.outbox import Outbox
+from silo_node.service_socket import Payload, authkey, call, socket_path  # noqa: F401  (call: the relay's side)
 
-SOCKET_NAME = "silo.sock"
 UNSENT_ACTION = "privacy.released_but_lost"
-KEY_NAME = "silo.key"
-
-Payload = tuple[dict, dict[str, np.ndarray]]
-
-
-def socket_path(state_dir: Path) -> Path:
-    return Path(state_dir) / SOCKET_NAME
-
-
-def _authkey(state_dir: Path, create: bool) -> bytes:
-    path = Path(state_dir) / KEY_NAME
-    if create:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(32))
-    return path.read_text().strip().encode()
 
 
 def handle(silo, log: AuditLog, kind: str, header: dict, arrays: dict[str, np.ndarray]) -> Payload:
@@ -241,7 +224,7 @@ def serve(state_dir: Path, silo, stop: Callable[[], bool] = lambda: False) -> No
         "cohort_sha256": silo.cohort.sha256 if getattr(silo, "cohort", None) else None,
     })
     record_unsent_charges(silo, log)
-    with Listener(str(path), family="AF_UNIX", authkey=_authkey(state_dir, create=True)) as listener:
+    with Listener(str(path), family="AF_UNIX", authkey=authkey(state_dir, create=True)) as listener:
         os.chmod(path, 0o600)
         while not stop():
             try:
@@ -339,12 +322,3 @@ def _outbox_key(kind: object, header: object) -> tuple[str, int, str] | None:
         return None
     return kind, round_no, nonce
 
-
-def call(state_dir: Path, kind: str, header: dict, arrays: dict[str, np.ndarray]) -> Payload:
-    """Relay one request to the silo's service (used by the ClientApp)."""
-    path = socket_path(Path(state_dir))
-    if not path.exists():
-        raise PolicyError(f"silo service is not running (no socket at {path}); start it with `silo-node start`")
-    with Client(str(path), family="AF_UNIX", authkey=_authkey(Path(state_dir), create=False)) as conn:
-        conn.send((kind, header, arrays))
-        return conn.recv()
