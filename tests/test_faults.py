@@ -48,6 +48,7 @@ from tests.test_resume import _entries, _wait
 STUDY_ID = "heart-disease"
 SILOS = ("cleveland", "hungary", "va")
 REPLY_TIMEOUT = 400  # seconds a round waits for replies on a loaded machine (a dead node is reported sooner)
+SLOW_TIMEOUT = 1500  # seconds per real-process test on a loaded 2-core machine (pytest-timeout's default: 600)
 LIBFAKETIME = next(iter(sorted(Path("/usr/lib").glob("*/faketime/libfaketimeMT.so.1"))),
                    Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"))  # Debian's libfaketime
 
@@ -145,6 +146,7 @@ def _kill_node(proc: Process) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(SLOW_TIMEOUT)
 def test_silo_killed_mid_round_rest_finish_it_rejoins_and_its_spend_is_accounted(tmp_path):
     """DP study, 3 rounds (round 3 waits for the lead). va is SIGKILLed the moment its round-2
     charge is on disk. Round 2 completes with cleveland and hungary; `silo-node start` brings
@@ -216,6 +218,7 @@ def _replied(state_dir: Path, kind: str, round_no: int) -> bool:
 # ---- 2. a silo whose clock is off ----------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.timeout(SLOW_TIMEOUT)
 def test_silo_with_clock_off_trains_and_the_audit_keeps_both_times(tmp_path):
     """va's silo service, the process that holds its cohort, ledger, outbox and audit log,
     runs under libfaketime 3 hours ahead. Freshness comes from nonces, so it trains every
@@ -250,8 +253,9 @@ def test_silo_with_clock_off_trains_and_the_audit_keeps_both_times(tmp_path):
 
 def _shifted_service(offset: str) -> list[str]:
     """Run `silo-node start` under libfaketime, but hand its SuperNode the true clock: the
-    service drops LD_PRELOAD from the environment its children inherit, then runs the CLI."""
-    drop_then_run = ("import os, runpy, sys; [os.environ.pop(k, None) for k in ('LD_PRELOAD', 'FAKETIME')]; "
+    service drops LD_PRELOAD from the environment its children inherit, then runs the CLI.
+    FAKETIME stays set: libfaketime re-reads it, and without LD_PRELOAD children ignore it."""
+    drop_then_run = ("import os, runpy, sys; os.environ.pop('LD_PRELOAD'); "
                      "sys.argv = sys.argv[1:]; runpy.run_module('silo_node.cli', run_name='__main__')")
     return ["env", f"LD_PRELOAD={LIBFAKETIME}", f"FAKETIME={offset}", sys.executable, "-c", drop_then_run]
 
@@ -269,6 +273,7 @@ def _parse(ts: str) -> datetime:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(SLOW_TIMEOUT)
 def test_silo_with_full_disk_refuses_sends_nothing_and_spends_nothing(tmp_path):
     """va's state directory is a 16 MB tmpfs and its ledger directory a 1 MB tmpfs inside it,
     mounted in va's own mount namespace (`unshare --mount`; the test reaches them through
@@ -344,6 +349,7 @@ def _fill(path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(SLOW_TIMEOUT)
 def test_silo_whose_cohort_changes_refuses_until_the_file_is_restored(tmp_path):
     """hungary's cohort file loses 10 rows after round 1: round 2 is refused at hungary by its
     fingerprint check (a reason with short fingerprints, no path, no value) and goes on with the
