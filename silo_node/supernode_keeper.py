@@ -64,8 +64,9 @@ class SuperNodeKeeper:
                 self._stopping.set()
                 self.on_give_up()
                 return
-            self.say(f"SuperNode exited with code {proc.returncode} (SuperLink restarted or unreachable?); "
-                     f"starting a new one in {self.backoff:g} s")
+            self.say(f"SuperNode exited with code {proc.returncode} (SuperLink restarted or unreachable? or this "
+                     "machine's clock is off: Flower refuses a node more than 5 s ahead of the coordinator's clock "
+                     f"or 5 min behind it); starting a new one in {self.backoff:g} s")
             if self._stopping.wait(self.backoff):
                 return
             self.restarts += 1
