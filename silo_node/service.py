@@ -58,6 +58,7 @@ def handle(silo, log: AuditLog, kind: str, header: dict, arrays: dict[str, np.nd
     subject = f"{req.study_id}/round-{req.round}"
     try:
         silo.check(req)
+        _use_key_epochs(silo, arrays)
         out, counts, privacy = _WORK[kind](silo, req, arrays)
         reply, action = silo.reply(req, counts, privacy), f"{kind.split('.')[-1]}.replied"
         if kind == m.STATS and getattr(silo, "validation", None):  # the study lead's Silos page shows it
@@ -84,7 +85,7 @@ def _enrol(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
 
 def _keygen(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
     peers = {k[len("peer_"):]: _bytes(v) for k, v in arrays.items() if k.startswith("peer_")}
-    aggregator, sealed = silo.make_study_key(peers)
+    aggregator, sealed = silo.make_study_key(peers, m.epoch_of(arrays, m.KEY_EPOCH))
     _log_sealing(silo, peers, sealed)
     return {m.AGG_CTX: _u8(aggregator), **{m.sealed_key(p): _u8(b) for p, b in sealed.items()}}, None, None
 
@@ -109,10 +110,12 @@ def _keyrecv(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
     """Open the sealed study key; the log names the key that sealed it (a refusal is logged by `handle`)."""
     if m.SEALED not in arrays:
         raise PolicyError("key ceremony: the request carries no sealed study key")
-    sender, pinned = silo.receive_study_key(_bytes(arrays[m.SEALED]))
+    epoch = m.epoch_of(arrays, m.KEY_EPOCH)
+    sender, pinned = silo.receive_study_key(_bytes(arrays[m.SEALED]), epoch)
     if silo.audit is not None:
         silo.audit.append("key.received", req.study_id, {
-            "sealed_by_fingerprint": hashlib.sha256(sender).hexdigest(), "holder_pinned": pinned})
+            "sealed_by_fingerprint": hashlib.sha256(sender).hexdigest(), "holder_pinned": pinned}
+            | ({"key_epoch": epoch} if epoch else {}))
     return {}, None, None
 
 
@@ -150,7 +153,26 @@ def _close(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
     which chains over the witnessed one, is the silo's final head in the reply."""
     if not req.audit_seq:
         raise PolicyError("closing exchange without the coordinator's audit head: nothing to witness")
+    _destroy_keys_if_stopped(silo, arrays)
     return {}, None, None
+
+
+# ---- key lifecycle -------------------------------------------------------------------------
+def _use_key_epochs(silo, arrays: dict) -> None:
+    """Which key epoch each sum in the request was made under (after a re-key they differ)."""
+    if hasattr(silo, "use_key_epochs"):
+        silo.use_key_epochs(arrays)
+
+
+def _destroy_keys_if_stopped(silo, arrays: dict) -> None:
+    """A stopped study's key material goes now; a completed one's stays until its release is
+    answered or silo IT runs `silo-node keys destroy` (the final model is still to be decrypted)."""
+    outcome = bytes(_bytes(arrays[m.OUTCOME])).decode("utf-8", "replace") if m.OUTCOME in arrays else ""
+    if outcome != "stopped" or getattr(silo, "state_dir", None) is None or silo.study.encryption != "ckks":
+        return
+    from silo_node.key_lifecycle import destroy_study_secret
+
+    destroy_study_secret(silo.state_dir, silo.study.id, "study stopped (closing exchange)", party=silo.name)
 
 
 _WORK: dict[str, Callable] = {
