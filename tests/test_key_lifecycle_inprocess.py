@@ -216,3 +216,21 @@ def test_revoke_cli_refuses_unknown_or_twice_and_changes_nothing(tmp_path):
     assert [(e["action"], e["subject"]) for e in entries] == [("silo.revoked", "va")]
     with open_store(None, tmp_path) as store:
         assert store.get_silo("va").revoked_reason == "left the consortium"
+
+
+@pytest.mark.parametrize("outcome, kept", [("completed", True), ("stopped", False)])
+def test_closing_a_stopped_study_destroys_the_keys_a_completed_one_keeps_them(tmp_path, outcome, kept):
+    from silo_node.service import handle
+
+    study = _study()
+    silo, first, _ = _keyed_silo(tmp_path, study)
+    log = open_party_log(silo.state_dir, silo.name, "silo")
+    silo.audit = log
+    req = m.Request(study_id=study.id, policy_hash=study.policy_hash(), round=3, nonce=m.new_nonce(), audit_seq=7,
+                    audit_head="ab" * 32)
+    reply, _ = handle(silo, log, m.CLOSE, req.model_dump(), {m.OUTCOME: np.frombuffer(outcome.encode(), np.uint8)})
+    assert reply["status"] == "ok"
+    assert bool(keys.study_secret_files(silo.state_dir, study.id)) is kept
+    assert (_holds(silo.state_dir, first) == []) is not kept
+    destroyed = [e for e in _log(silo.state_dir / "audit.jsonl") if e["action"] == "key.destroyed"]
+    assert len(destroyed) == (0 if kept else 1)
