@@ -165,12 +165,11 @@ def epoch_of(arrays: dict[str, np.ndarray], key: str, default: int = 0) -> int:
     return int(values[0])
 
 
-def epochs_of(arrays: dict[str, np.ndarray], count: int) -> list[int]:
-    """Key epoch of the statistics sum and of each of `count` aggregates (all 0 when absent)."""
+def epoch_list(arrays: dict[str, np.ndarray]) -> list[int]:
+    """Key epoch of the statistics sum and of each aggregate, in order ([] when never re-keyed)."""
     if KEY_EPOCHS not in arrays:
-        return [0] * (count + 1)
+        return []
     values = np.asarray(arrays[KEY_EPOCHS]).ravel()
-    if values.size != count + 1 or np.any(values < 0) or np.any(values != np.round(values)):
-        raise PolicyError(f"{KEY_EPOCHS} must give one non-negative key epoch for the statistics sum and each "
-                          f"of the {count} aggregates, got {values.size} values")
+    if values.size == 0 or np.any(values < 0) or np.any(values != np.round(values)):
+        raise PolicyError(f"{KEY_EPOCHS} must be non-negative integer key epochs, one per summed history entry")
     return [int(v) for v in values]

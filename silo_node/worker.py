@@ -96,10 +96,10 @@ class Silo:
 
     def use_key_epochs(self, arrays: dict[str, np.ndarray]) -> None:
         """Read a request's key epochs: which key to encrypt under, which decrypts each sum it carries."""
-        from policies.messages import EVAL_EPOCH, KEY_EPOCH, KEY_EPOCHS, epoch_of
+        from policies.messages import EVAL_EPOCH, KEY_EPOCH, epoch_list, epoch_of
 
         self.key_epoch = epoch_of(arrays, KEY_EPOCH)
-        self.history_epochs = [int(v) for v in np.asarray(arrays[KEY_EPOCHS]).ravel()] if KEY_EPOCHS in arrays else []
+        self.history_epochs = epoch_list(arrays)
         self.eval_epoch = epoch_of(arrays, EVAL_EPOCH, self.key_epoch)
 
     def _history_epoch(self, index: int) -> int:
