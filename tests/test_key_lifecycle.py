@@ -60,8 +60,9 @@ def _study_file(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # four silos and a re-key on a shared 2-core machine
 def test_revoke_rekey_withdraw_destroy_over_real_processes(tmp_path: Path, sample_paths) -> None:
-    from coordinator.certs import load_superlink_tls
+    from coordinator.certs import init_study_ca, write_connection
     from coordinator.demo import follow_run
     from coordinator.rounds import StudyState
     from coordinator.runtime import SiloSpec, local_federation
@@ -71,29 +72,29 @@ def test_revoke_rekey_withdraw_destroy_over_real_processes(tmp_path: Path, sampl
     from policies.study import load_study
     from policies.update import unpack_sum
     from silo_node.approval import approve
+    from silo_node.certs import request_node_key, trust_ca
     from silo_node.codec import CkksCodec
     from silo_node.keys import load_study_secret
 
     state = tmp_path / "state"
     study_path = _study_file(tmp_path)
     study = load_study(study_path)
-    assert _cli(COORDINATOR, "certs", "init", "--state-dir", str(state)).returncode == 0
-    tls = load_superlink_tls(state)
+    tls = init_study_ca(state)  # provisioning as tests/test_tls.py checks it through the CLIs
     silo_dirs = {name: state / "silos" / name for name in NAMES}
     for name, directory in silo_dirs.items():
-        assert _cli(SILO, "certs", "request", "--state-dir", str(directory)).returncode == 0
-        assert _cli(SILO, "certs", "trust", str(tls.ca_cert), "--state-dir", str(directory)).returncode == 0
+        request_node_key(directory)
+        trust_ca(directory, tls.ca_cert)
         approve(directory, study, [], "silo-it")
 
     old_keys: dict[str, bytes] = {}
     events: dict[str, object] = {}
     with local_federation(state / "runtime", tls=tls) as fed:
         fed.start_superlink()
-        for name, directory in silo_dirs.items():
-            key = read_node_public_key(directory / "node-auth.pub")
-            proc = _cli(COORDINATOR, "certs", "register", str(directory / "node-auth.pub"), "--state-dir", str(state),
-                        "--silo", name, "--superlink", fed.address, "--fingerprint", key.fingerprint())
-            assert proc.returncode == 0, proc.stdout + proc.stderr
+        write_connection(state / "coordinator" / "flwr_home", fed.address, tls.ca_cert)  # as `certs register` does
+        with open_store(None, state) as store:
+            for name, directory in silo_dirs.items():
+                node_id = fed.register_silo(name, directory / "node-auth.pub")
+                store.register_node_key(name, read_node_public_key(directory / "node-auth.pub").openssh.decode(), node_id)
         specs = {name: SiloSpec(name, sample_paths[name], study_path, silo_dirs[name]) for name in NAMES}
         silos = {name: fed.start_silo(spec) for name, spec in specs.items()}
         run_id = fed.submit({"study-path": str(study_path), "state-dir": str(state), "expected-silos": 4})
