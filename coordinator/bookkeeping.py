@@ -79,6 +79,19 @@ class StudyBook:
             self.audit.append("silo.key_mismatch", silo, {"reason": str(exc)[:500]})
         self.store.mark_silo_seen(silo, online=True, node_id=node_id)
 
+    def revoked(self) -> dict[int, str]:
+        """Node id -> name of every revoked silo (`coordinator silo revoke`), read fresh each time."""
+        from coordinator.revocation import revoked_nodes
+
+        return revoked_nodes(self.store)
+
+    def withdrawn(self, silo: str) -> None:
+        """The silo said it withdrew: its enrolment ends (the audit entry is the runner's)."""
+        try:
+            self.store.record_enrolment(self.spec.id, silo, "withdrawn", version=self.spec.version)
+        except PolicyError as exc:  # e.g. the study is no longer active: the audit log still has it
+            self.audit.append("silo.withdrawal_not_stored", silo, {"reason": str(exc)[:300]})
+
     def seen(self, silos: list[str]) -> None:
         """Silos that answered a round (replied or refused) are online now."""
         for silo in silos:

@@ -205,3 +205,17 @@ def registered_nodes(flwr: str, env: dict[str, str], connection: str = "local") 
 
 def describe(key: NodePublicKey) -> str:
     return f"fingerprint {key.fingerprint()}\n  (ssh-keygen -l -f shows {key.ssh_fingerprint()})"
+
+
+def unregister_node(flwr: str, env: dict[str, str], node_id: int, connection: str = "local") -> None:
+    """`flwr supernode unregister` one node: the SuperLink marks it unregistered and refuses
+    its key from then on (a connected SuperNode is cut off at its next request)."""
+    out = subprocess.run([flwr, "supernode", "unregister", str(node_id), connection, "--format", "json"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    try:
+        answer = json.loads(out.stdout[out.stdout.index("{"):])
+    except ValueError:
+        answer = {}
+    if out.returncode != 0 or not answer.get("success"):
+        detail = answer.get("error-message") or out.stderr.strip() or out.stdout.strip()
+        raise PolicyError(f"the SuperLink refused to unregister node {node_id}: {detail[:500]}")

@@ -6,6 +6,7 @@
   coordinator start --state-dir DIR [--study STUDY.yaml] [--superlink HOST:PORT] [--insecure-local-demo]
   coordinator serve --state-dir DIR [--host 0.0.0.0] [--port 9092]   (the TLS SuperLink, in the foreground)
   coordinator health --state-dir DIR            (exit 0 when `serve` and its SuperLink answer; for HEALTHCHECK)
+  coordinator silo revoke NAME --state-dir DIR --reason TEXT [--superlink HOST:PORT]
 """
 
 from __future__ import annotations
@@ -310,6 +311,33 @@ def _certs_register(args: argparse.Namespace) -> int:
     return 0
 
 
+def _silo_revoke(args: argparse.Namespace) -> int:
+    """Revoke a silo: unregister its SuperNode key, end its enrolments, audit-log it."""
+    from coordinator.revocation import CERTIFICATE_NOTE, revoke_silo
+
+    done = revoke_silo(Path(args.state_dir), args.name, args.reason, db_url=args.db_url, superlink=args.superlink,
+                       user=args.user)
+    node = "no node id on record" if done.node_id is None else f"Flower node {done.node_id}"
+    at_link = "unregistered at the SuperLink" if done.unregistered else "not registered at the SuperLink (any more)"
+    print(f"revoked silo {done.silo} ({node}, {at_link}); enrolments ended: {', '.join(done.studies) or 'none'}")
+    print(f"certificate: {CERTIFICATE_NOTE}")
+    print("a running study drops it before its next round and re-keys (CKKS) for the remaining silos")
+    return 0
+
+
+def _silo_parser(sub: argparse._SubParsersAction) -> None:
+    silo = sub.add_parser("silo", help="a silo's standing in the federation: revoke")
+    silo_sub = silo.add_subparsers(dest="silo_command", required=True)
+    r = silo_sub.add_parser("revoke", help="unregister a silo's SuperNode key, end its enrolments, re-key running studies")
+    r.add_argument("name", metavar="NAME", help="the silo's name as registered")
+    r.add_argument("--state-dir", required=True)
+    r.add_argument("--reason", required=True, help="why (recorded in the audit log)")
+    r.add_argument("--superlink", help="HOST:PORT of the SuperLink's Control API (default: the one `certs register` used)")
+    r.add_argument("--db-url", help="SQLAlchemy URL of the store (default: SQLite under the state dir)")
+    r.add_argument("--user", default="coordinator-cli", help="who revokes (recorded in the audit log)")
+    r.set_defaults(func=_silo_revoke)
+
+
 def _ui(args: argparse.Namespace) -> int:
     """Serve the web UI; replaces this process with `python -m ui` (ui imports coordinator, not the reverse)."""
     argv = [sys.executable, "-m", "ui", "--state-dir", args.state_dir, "--address", args.address, "--port", str(args.port)]
@@ -367,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--port", type=int, default=8501)
     u.set_defaults(func=_ui)
     _certs_parser(sub)
+    _silo_parser(sub)
     register_users_cli(sub)
     return parser
 

@@ -65,6 +65,11 @@ class StudyRunner:
         self.validations: dict[str, dict] = {}  # silo -> its counts-only validation report (statistics reply)
         self.next_nonces: dict[str, str] = {}  # silo -> nonce of the next train round (checkpointed)
         self.run_id: int | None = None  # this Flower run
+        # key lifecycle: revoked or withdrawn silos leave for good; a revocation re-keys (CKKS)
+        self.key_epoch = 0  # the CKKS key the silos encrypt under now (0: the first ceremony's)
+        self.epoch_starts: dict[int, int] = {}  # key epoch -> first round whose aggregate is under it
+        self.eval_epoch = 0  # key epoch of the pending evaluation sum
+        self.departed: dict[int, str] = {}  # node -> "revoked" / "withdrawn": never asked again
 
     # ---- transport ----------------------------------------------------------------
     def wait_for_silos(self) -> list[int]:
@@ -133,6 +138,7 @@ class StudyRunner:
             self.check_identity(node, reply.silo)
             arrays = {k: v.numpy() for k, v in rep.content.array_records.get(m.ARRAYS, ArrayRecord()).items()}
             m.check_array_bytes(arrays, f"reply from node {node}")
+            self._note_withdrawal(node, reply)
         except (KeyError, ValueError, TypeError) as exc:  # malformed, oversized, replayed, another silo's name
             reason = f"{type(exc).__name__}: {str(exc)[:200]}"
             self.audit.append("reply.rejected", f"node-{node}", {"node": str(node), "round": req.round, "reason": reason})
@@ -146,7 +152,7 @@ class StudyRunner:
         if not self.book:
             return {}
         return {int(s.flower_node_id): s.name for s in self.book.store.list_silos()
-                if s.node_auth_key and s.flower_node_id is not None}
+                if s.node_auth_key and s.flower_node_id is not None and s.revoked_at is None}
 
     def connected_nodes(self) -> set[int]:
         """Connected SuperNodes that count as silos. Flower 1.41's Control API lets anyone who
@@ -160,6 +166,7 @@ class StudyRunner:
         """With SuperNode authentication the node id is the silo's identity: a reply must name
         the silo registered for its node (`coordinator certs register`). Without any
         registration (the insecure local demo) names come from payloads and are not checked."""
+        self._refuse_revoked(node, claimed)
         registered = self._registered()
         if registered and registered.get(node) != claimed:
             raise ValueError(f"node {node} is registered as silo {registered.get(node)!r}, its reply claims {claimed!r}")
@@ -216,12 +223,13 @@ class StudyRunner:
         if len(ok) < self.study.min_silos:
             raise PolicyError(f"{what}: {len(ok)} silos contributed, the study needs {self.study.min_silos}; study stopped")
 
-    def key_ceremony(self, nodes: list[int]) -> list[int]:
+    def key_ceremony(self, nodes: list[int], epoch: int = 0) -> list[int]:
         """CKKS key made at one silo, sealed to the others; the coordinator relays sealed blobs.
 
         The coordinator ends up with the keyless aggregator context only: it can add
-        ciphertexts and nothing else.
+        ciphertexts and nothing else. `epoch` > 0: a re-key, a new key under a new epoch.
         """
+        epoch_arrays = {m.KEY_EPOCH: np.array([epoch], dtype=np.int64)} if epoch else {}
         answers, _ = self.exchange(nodes, m.ENROL, 0, {})
         enrolled = {a.node_id: a for a in self._ok(answers, m.ENROL_PUB)}
         self._require_quorum(list(enrolled.values()), "key ceremony (enrolment keys)")
@@ -230,18 +238,19 @@ class StudyRunner:
         for node, a in enrolled.items():
             self._saw_enrolment(node, a)
         peer_keys = {m.peer_key(str(n)): enrolled[n].arrays[m.ENROL_PUB] for n in peers}
-        answers, _ = self.exchange([holder], m.KEYGEN, 0, peer_keys)
+        answers, _ = self.exchange([holder], m.KEYGEN, 0, peer_keys | epoch_arrays)
         made = self._ok(answers, m.AGG_CTX)
         if not made:
             raise PolicyError("key ceremony: the key-holding silo did not make the study key; study stopped")
         sealed = {n: {m.SEALED: made[0].arrays[m.sealed_key(str(n))]} for n in peers}
-        answers, _ = self.exchange(peers, m.KEYRECV, 0, {}, per_node=sealed)
+        answers, _ = self.exchange(peers, m.KEYRECV, 0, epoch_arrays, per_node=sealed)
         received = [a.node_id for a in answers if a.reply.status == "ok"]
         members = sorted([holder, *received])
         self.holder = holder
         self._require_quorum([enrolled[n] for n in members], "key ceremony (sealed keys opened)")
         self._use_context(made[0].arrays[m.AGG_CTX].tobytes())
-        self.audit.append("key.ceremony_done", self.study.id, {"holder": made[0].reply.silo, "members": len(members)})
+        self.audit.append("key.ceremony_done", self.study.id, {"holder": made[0].reply.silo, "members": len(members),
+                                                               "key_epoch": epoch})
         return members
 
     def _saw_enrolment(self, node: int, answer: SiloAnswer) -> None:
@@ -266,6 +275,8 @@ class StudyRunner:
         new = sorted(self.connected_nodes() - set(nodes) - self.not_admitted)
         if not new:
             return nodes
+        if self.study.encryption == "ckks" and self.key_epoch:
+            return self._not_admitted_after_rekey(nodes, new)
         joined = new
         if self.study.encryption == "ckks":
             answers, _ = self.exchange(new, m.ENROL, 0, {})
@@ -304,8 +315,8 @@ class StudyRunner:
     def _key_holder(self, enrolled: dict[int, SiloAnswer]) -> int:
         """The silo the policy names as key holder, or (no name) the lowest node id."""
         wanted = self.study.ckks.key_holder
-        if wanted is None:
-            return min(enrolled)
+        if wanted is None:  # a re-key keeps the holder unless it left
+            return self.holder if self.holder in enrolled else min(enrolled)
         for node, answer in enrolled.items():
             if answer.reply.silo == wanted:
                 return node
@@ -333,7 +344,7 @@ class StudyRunner:
         arrays = m.history_arrays(self.state.stats_sum, self.state.aggregates)
         if self.pending_eval is not None:
             arrays[m.EVAL_SUM] = self.pending_eval[1]
-        return arrays
+        return arrays | self._key_arrays()
 
     def _absorb_evaluations(self, ok: list[SiloAnswer], target: RoundRecord | None) -> np.ndarray | None:
         """Take last phase's pooled counts from the silos; sum this phase's encoded evaluations.
@@ -352,6 +363,7 @@ class StudyRunner:
                 self.pending_eval[0].pooled = metrics_from_counts(pooled)
         evals = [a.arrays[m.EVAL] for a in ok if m.EVAL in a.arrays]
         self.pending_eval = (target, self.state.adder(evals)) if evals else None
+        self.eval_epoch = self.key_epoch
         return pooled
 
     def train_round(self, nodes: list[int], round_no: int) -> None:
@@ -398,7 +410,8 @@ class StudyRunner:
         self._require_quorum(ok, "final evaluation")
         reports = {a.reply.silo: a.reply.report_dict() for a in ok}
         self._absorb_evaluations(ok, None)
-        answers, _ = self.exchange(nodes, m.REVEAL, len(self.state.aggregates), {m.EVAL_SUM: self.pending_eval[1]})
+        answers, _ = self.exchange(nodes, m.REVEAL, len(self.state.aggregates),
+                                   {m.EVAL_SUM: self.pending_eval[1]} | self._key_arrays())
         ok = self._ok(answers, m.POOLED_EVAL)
         self._require_quorum(ok, "final evaluation (reveal)")
         self.state.final = final_evaluation(self._absorb_evaluations(ok, None), reports)
@@ -430,6 +443,7 @@ class StudyRunner:
                 if self.book:
                     self.write(f"round {r} waiting for approval")
                     self.book.approve(r)
+                nodes = self.drop_departed(nodes)  # revoked (re-key) or withdrawn since the last round
                 nodes = self.admit_late_silos(self.drop_disconnected(nodes, r))  # after the wait: who is there now
                 if self.book:
                     self.book.round_started(r, [self.names.get(n, str(n)) for n in nodes], self.run_id)
@@ -462,7 +476,7 @@ class StudyRunner:
         stopped before any took part)."""
         connected = self.connected_nodes()
         members = set(self.names) | ({self.holder} if self.holder is not None else set())
-        return sorted((members or connected - self.not_admitted) & connected)
+        return sorted(((members or connected - self.not_admitted) & connected) - set(self.departed))
 
     def close_study(self, outcome: str) -> None:
         """Closing exchange: send every silo the coordinator's final audit head; each logs it
@@ -478,7 +492,8 @@ class StudyRunner:
         timeout, self.timeout = self.timeout, min(self.timeout, CLOSE_TIMEOUT)
         try:
             nodes = self._study_nodes()
-            answers, dropped = self.exchange(nodes, m.CLOSE, len(self.state.aggregates), {}) if nodes else ([], [])
+            outcome_arrays = {m.OUTCOME: np.frombuffer(outcome.encode(), dtype=np.uint8)}  # "stopped": silos destroy keys
+            answers, dropped = self.exchange(nodes, m.CLOSE, len(self.state.aggregates), outcome_arrays) if nodes else ([], [])
             ok = {a.node_id: a for a in answers if a.reply.status == "ok"}
             heads = {a.reply.silo: {"seq": a.reply.audit_seq, "head": a.reply.audit_head} for a in ok.values()}
             why = dict(dropped) | {a.node_id: f"refused: {a.reply.reason[:200]}" for a in answers if a.node_id not in ok}
@@ -527,6 +542,7 @@ class StudyRunner:
             "witness": {self.names.get(n, str(n)): list(w) for n, w in self.ledger_witness.items()},
             "eval_target": None if self.pending_eval is None or self.pending_eval[0] is None else self.pending_eval[0].round,
             "next_nonces": self.next_nonces,
+            **self._key_meta(),
         }
         blob = self.state.to_checkpoint(arrays, meta)
         if self.book:
@@ -551,6 +567,7 @@ class StudyRunner:
         self._booked = {r.round for r in state.rounds if r.pooled is not None}
         self.fingerprints = dict(meta.get("fingerprints") or {})
         self.next_nonces = dict(meta.get("next_nonces") or {})
+        self._restore_key_meta(meta)
         reopened = self.book.reopen_after(row.round_no) if self.book else []
         self.audit.append("study.resumed", self.study.id, {
             "old_run_id": meta.get("run_id"), "new_run_id": None if self.run_id is None else str(self.run_id),
@@ -586,6 +603,90 @@ class StudyRunner:
                 members[a.reply.silo] = a
         self.not_admitted |= {a.node_id for a in answers if a.reply.silo in silos_in and a not in members.values()}
         return list(members.values())
+
+    # ---- key lifecycle: revocation, re-keying, withdrawal -------------------------------------
+    def _refuse_revoked(self, node: int, claimed: str) -> None:
+        """Belt and braces after the SuperLink's own refusal: nothing from a revoked silo's node or name counts."""
+        revoked = self.book.revoked() if self.book else {}
+        if node in revoked or claimed in revoked.values():
+            raise ValueError(f"silo {revoked.get(node, claimed)!r} (node {node}) was revoked: its replies are rejected")
+
+    def _note_withdrawal(self, node: int, reply: m.Reply) -> None:
+        """A refusal saying the silo withdrew: record it (audit, store) and never ask that silo again."""
+        if reply.status != "refused" or not m.is_withdrawal(reply.reason) or node in self.departed:
+            return
+        self.departed[node] = "withdrawn"
+        self.not_admitted.add(node)
+        self.audit.append("silo.withdrew", reply.silo, {"node": str(node), "round": reply.round,
+                                                        "reason": reply.reason[:300]})
+        if self.book:
+            self.book.withdrawn(reply.silo)
+
+    def drop_departed(self, nodes: list[int]) -> list[int]:
+        """Before a round: leave out silos revoked since the last round (then re-key a CKKS study
+        for the rest) and those that withdrew; the study goes on while the minimum holds."""
+        revoked = self.book.revoked() if self.book else {}
+        newly = [n for n in nodes if n not in self.departed and (n in revoked or self.names.get(n) in revoked.values())]
+        for node in newly:
+            self.departed[node] = "revoked"
+            self.audit.append("silo.dropped", self.names.get(node, str(node)), {
+                "node": str(node), "why": "revoked", "before_round": len(self.state.aggregates) + 1})
+        remaining = [n for n in nodes if n not in self.departed]
+        if len(remaining) == len(nodes):
+            return nodes
+        self.not_admitted |= set(nodes) - set(remaining)
+        if len(remaining) < self.study.min_silos:
+            raise PolicyError(f"{len(nodes) - len(remaining)} silos left (revoked or withdrawn): {len(remaining)} "
+                              f"remain, the study needs {self.study.min_silos}; study stopped")
+        if newly and self.study.encryption == "ckks":
+            remaining = self.rekey(remaining, sorted(self.names.get(n, str(n)) for n in newly))
+        return remaining
+
+    def rekey(self, nodes: list[int], revoked: list[str]) -> list[int]:
+        """A new key ceremony among the remaining silos: new CKKS key from the holder (or a new
+        holder if the holder left), sealed only to them; aggregates from the next round on are
+        under it. Silos keep earlier epochs' keys to replay the history made under them."""
+        epoch = self.key_epoch + 1
+        self.write(f"re-keying after revocation of {', '.join(revoked)}")
+        members = [n for n in self.key_ceremony(nodes, epoch) if n not in self.departed]
+        self._require_quorum(members, f"re-key (key epoch {epoch})")
+        self.key_epoch, self.epoch_starts[epoch] = epoch, len(self.state.aggregates) + 1
+        self.audit.append("key.rekeyed", self.study.id, {
+            "key_epoch": epoch, "revoked": revoked, "holder": self.names.get(self.holder, str(self.holder)),
+            "sealed_to": sorted(self.names.get(n, str(n)) for n in members if n != self.holder),
+            "from_round": self.epoch_starts[epoch]})
+        return sorted(members)
+
+    def _not_admitted_after_rekey(self, nodes: list[int], new: list[int]) -> list[int]:
+        """Sharing every key epoch with a newcomer is not built: after a re-key nobody joins late."""
+        self.not_admitted |= set(new)
+        for node in new:
+            self.audit.append("silo.not_admitted", f"node-{node}", {
+                "node": str(node), "reason": f"the study was re-keyed (key epoch {self.key_epoch}); late joining "
+                                             "after a re-key is not supported"})
+        return nodes
+
+    def _epoch_of_round(self, round_no: int) -> int:
+        return max((e for e, start in self.epoch_starts.items() if start <= round_no), default=0)
+
+    def _key_arrays(self) -> dict[str, np.ndarray]:
+        """Which key epoch silos encrypt under and each sum was made under (nothing until a re-key)."""
+        if not self.epoch_starts:
+            return {}
+        epochs = [0] + [self._epoch_of_round(r) for r in range(1, len(self.state.aggregates) + 1)]
+        out = {m.KEY_EPOCH: np.array([self.key_epoch], dtype=np.int64), m.KEY_EPOCHS: np.array(epochs, dtype=np.int64)}
+        if self.pending_eval is not None:
+            out[m.EVAL_EPOCH] = np.array([self.eval_epoch], dtype=np.int64)
+        return out
+
+    def _key_meta(self) -> dict:
+        return {"key_epoch": self.key_epoch, "epoch_starts": {str(e): r for e, r in self.epoch_starts.items()},
+                "eval_epoch": self.eval_epoch,
+                "departed": {self.names.get(n, str(n)): why for n, why in self.departed.items()}}
+
+    def _restore_key_meta(self, meta: dict) -> None:
+        self.key_epoch, self.eval_epoch = int(meta.get("key_epoch", 0)), int(meta.get("eval_epoch", 0))
+        self.epoch_starts = {int(e): int(r) for e, r in (meta.get("epoch_starts") or {}).items()}
 
     def _book_final(self) -> None:
         if self.book is None or self.state.final is None:

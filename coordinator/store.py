@@ -69,7 +69,7 @@ _MIGRATE_LOCK = threading.Lock()
 
 RoundStatus = Literal["waiting_approval", "approved", "held", "rejected", "running", "finished", "failed"]
 Decision = Literal["approve", "hold", "reject"]
-EnrolmentStatus = Literal["pending", "validated", "failed", "withdrawn"]
+EnrolmentStatus = Literal["pending", "validated", "failed", "withdrawn", "revoked"]
 KeyCeremony = Literal["not_started", "in_progress", "done", "failed"]
 Role = Literal["lead", "auditor", "admin"]
 
@@ -172,6 +172,8 @@ class Silo(Base):
     last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     node_auth_key: Mapped[str | None] = mapped_column(Text)  # SuperNode auth public key (OpenSSH line)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # `coordinator silo revoke`
+    revoked_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class Enrolment(Base):
@@ -331,6 +333,8 @@ class SiloRow:
     last_seen: datetime | None
     created_at: datetime
     node_auth_key: str | None = None
+    revoked_at: datetime | None = None
+    revoked_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -777,6 +781,29 @@ class Store:
             if node_id is not None:
                 row.flower_node_id = as_u64(node_id)
             return _row(SiloRow, row)
+
+    def revoke_silo(self, name: str, reason: str) -> tuple[SiloRow, list[str]]:
+        """Mark a silo revoked (when, why) and end its enrolments in active studies as `revoked`;
+        returns the row and the studies (`id vN`) whose enrolment ended. Revoking twice is refused."""
+        reason = _text(reason, "revocation reason")
+        with self._write() as s:
+            row = s.get(Silo, name)
+            if row is None:
+                raise PolicyError(f"no silo named {name!r} is registered in this store")
+            if row.revoked_at is not None:
+                raise PolicyError(f"silo {name} was already revoked at {row.revoked_at:%Y-%m-%d %H:%M:%S} UTC "
+                                  f"({row.revoked_reason})")
+            now = _now()
+            row.revoked_at, row.revoked_reason = now, reason
+            ended = []
+            q = select(Enrolment, Study).join(Study, (Study.id == Enrolment.study_id)
+                                              & (Study.version == Enrolment.study_version)).where(Enrolment.silo == name)
+            for enrolment, study in s.execute(q):
+                if study.status in lifecycle.ACTIVE and enrolment.status != "revoked":
+                    enrolment.status, enrolment.updated_at = "revoked", now
+                    ended.append(f"{study.id} v{study.version}")
+            s.flush()
+            return _row(SiloRow, row), ended
 
     def get_silo(self, name: str) -> SiloRow | None:
         with self._read() as s:

@@ -171,3 +171,36 @@ def aggregates_from_arrays(arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
     if keys != expected:
         raise PolicyError("aggregate history has gaps: refused")
     return [arrays[k] for k in keys]
+
+
+# ---- key lifecycle: key epochs after a re-key, the study's outcome at its close, withdrawal ----
+KEY_EPOCH = "key_epoch"  # [epoch]: the key a silo encrypts under now, and the one a ceremony makes or opens
+KEY_EPOCHS = "key_epochs"  # [epoch of stats_sum, epoch of agg_1, ...]: absent = all epoch 0 (never re-keyed)
+EVAL_EPOCH = "eval_epoch"  # [epoch] of the pending evaluation sum a silo decrypts
+OUTCOME = "outcome"  # closing exchange: "completed" or "stopped", as UTF-8 bytes
+WITHDRAWN_PREFIX = "withdrawn:"  # how every refusal of a withdrawn silo begins
+
+
+def is_withdrawal(reason: str) -> bool:
+    """Whether a refusal says the silo withdrew from the study (the coordinator stops asking it)."""
+    return reason.startswith(WITHDRAWN_PREFIX)
+
+
+def epoch_of(arrays: dict[str, np.ndarray], key: str, default: int = 0) -> int:
+    """One key epoch from a message's arrays (absent: `default`)."""
+    if key not in arrays:
+        return default
+    values = np.asarray(arrays[key]).ravel()
+    if values.size != 1 or not float(values[0]).is_integer() or values[0] < 0:
+        raise PolicyError(f"{key} must be one non-negative integer key epoch")
+    return int(values[0])
+
+
+def epoch_list(arrays: dict[str, np.ndarray]) -> list[int]:
+    """Key epoch of the statistics sum and of each aggregate, in order ([] when never re-keyed)."""
+    if KEY_EPOCHS not in arrays:
+        return []
+    values = np.asarray(arrays[KEY_EPOCHS]).ravel()
+    if values.size == 0 or np.any(values < 0) or np.any(values != np.round(values)):
+        raise PolicyError(f"{KEY_EPOCHS} must be non-negative integer key epochs, one per summed history entry")
+    return [int(v) for v in values]

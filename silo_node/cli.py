@@ -11,6 +11,9 @@
   silo-node health --state-dir DIR               (exit 0 healthy, else 1 and one line why; for HEALTHCHECK)
   silo-node apps list --state-dir DIR            (the Flower apps (FAB sha256) this silo runs)
   silo-node apps allow SHA256 --state-dir DIR    (after reviewing a FAB; `apps revoke` undoes it)
+
+  silo-node withdraw STUDY --state-dir DIR [--reason TEXT]   (stop taking part; destroys the study's keys)
+  silo-node keys destroy STUDY --state-dir DIR --reason TEXT (a finished study's keys, e.g. no release coming)
 """
 
 from __future__ import annotations
@@ -365,6 +368,54 @@ def _host(args: argparse.Namespace) -> int:
 
     return host(read_silo_lines(Path(args.silos)))
 
+def _print_destroyed(done) -> None:
+    for f in done.files:
+        print(f"  destroyed {f['file']} ({f['bytes']} bytes, sha256 before {f['sha256_before']})")
+    if not done.files:
+        print("  no key files were left to destroy")
+
+
+def _withdraw(args: argparse.Namespace) -> int:
+    """Stop taking part in a study: every later request is refused as withdrawn; keys destroyed."""
+    from silo_node.key_lifecycle import withdraw
+
+    state_dir = Path(args.state_dir).resolve()
+    done = withdraw(state_dir, args.study, args.reason or "", party=args.name or state_dir.name, actor=args.by)
+    print(f"withdrew from study {done.study_id}: every later request is refused (\"withdrawn\"); "
+          "the coordinator records it at this silo's next refusal and stops asking it")
+    _print_destroyed(done)
+    return 0
+
+
+def _keys_destroy(args: argparse.Namespace) -> int:
+    """Destroy a study's secret key material at this silo (recorded in the audit log)."""
+    from silo_node.key_lifecycle import destroy_study_secret
+
+    state_dir = Path(args.state_dir).resolve()
+    done = destroy_study_secret(state_dir, args.study, args.reason, party=args.name or state_dir.name, actor=args.by)
+    print(f"study {done.study_id}: key material destroyed; requests that need it are refused from now on")
+    _print_destroyed(done)
+    return 0
+
+
+def _lifecycle_parsers(sub: argparse._SubParsersAction) -> None:
+    w = sub.add_parser("withdraw", help="stop taking part in a study (refuse every request, destroy its keys)")
+    w.add_argument("study", metavar="STUDY", help="the study's id or policy hash (12+ leading digits)")
+    w.add_argument("--state-dir", required=True)
+    w.add_argument("--reason", help="why (recorded in this silo's audit log and told to the coordinator)")
+    w.add_argument("--name", help="this silo's name (default: the state directory's name)")
+    w.add_argument("--by", default="silo-it", help="who withdraws (recorded)")
+    w.set_defaults(func=_withdraw)
+    k = sub.add_parser("keys", help="this silo's study key material")
+    keys_sub = k.add_subparsers(dest="keys_command", required=True)
+    d = keys_sub.add_parser("destroy", help="overwrite and delete a study's secret keys (audit-logged)")
+    d.add_argument("study", metavar="STUDY", help="the study's id or policy hash (12+ leading digits)")
+    d.add_argument("--state-dir", required=True)
+    d.add_argument("--reason", required=True, help="why (recorded in this silo's audit log)")
+    d.add_argument("--name", help="this silo's name (default: the state directory's name)")
+    d.add_argument("--by", default="silo-it", help="who destroys (recorded)")
+    d.set_defaults(func=_keys_destroy)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="silo-node", description="fedcohort silo node (runs at the hospital)")
@@ -454,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
         ap.add_argument("--note", default="", help="why (recorded)")
         ap.add_argument("--name", help="this silo's name in its audit log (default: the state directory's name)")
         ap.set_defaults(func=_apps_change)
+
+    _lifecycle_parsers(sub)
     return parser
 
 

@@ -192,45 +192,75 @@ class EnrolmentKey:
 # ---------------------------------------------------------------------------- study secret
 
 
-def _study_secret_path(state_dir: str | Path, study_id: str) -> Path:
+def _study_secret_path(state_dir: str | Path, study_id: str, epoch: int = 0) -> Path:
+    """Key epoch 0 (the first ceremony) keeps its original name; each re-key adds `.eN`."""
     if not _STUDY_ID.match(study_id):
         raise PolicyError(f"study id {study_id!r} is not a valid study id (lowercase letters, digits, '-')")
-    return _keys_dir(state_dir) / f"study-{study_id}.ckks-secret"
+    if not isinstance(epoch, int) or epoch < 0:
+        raise PolicyError(f"key epoch {epoch!r} is not a non-negative integer")
+    suffix = "" if epoch == 0 else f".e{epoch}"
+    return _keys_dir(state_dir) / f"study-{study_id}{suffix}.ckks-secret"
 
 
-def store_study_secret(state_dir: str | Path, study_id: str, secret_ctx_bytes: bytes, *, replace: bool = False) -> Path:
-    """Keep the study's CKKS secret context (mode 0600, atomic). Refuses to overwrite an
-    existing one unless `replace`: losing it makes every aggregate of the study unreadable."""
-    path = _study_secret_path(state_dir, study_id)
+def study_secret_files(state_dir: str | Path, study_id: str) -> list[Path]:
+    """Every key epoch's secret file of a study at this silo."""
+    first = _study_secret_path(state_dir, study_id)
+    return sorted(p for p in first.parent.glob(f"study-{study_id}*.ckks-secret")
+                  if p == first or re.fullmatch(rf"study-{re.escape(study_id)}\.e\d+\.ckks-secret", p.name))
+
+
+def study_ids_with_secrets(state_dir: str | Path) -> list[str]:
+    """Studies this silo holds any secret key for."""
+    directory = Path(state_dir) / KEYS_DIR
+    found = (re.fullmatch(r"study-([a-z0-9][a-z0-9-]{1,62}?)(?:\.e\d+)?\.ckks-secret", p.name)
+             for p in directory.glob("study-*.ckks-secret")) if directory.exists() else ()
+    return sorted({m.group(1) for m in found if m})
+
+
+def store_study_secret(state_dir: str | Path, study_id: str, secret_ctx_bytes: bytes, *, replace: bool = False,
+                       epoch: int = 0) -> Path:
+    """Keep the study's CKKS secret context of one key epoch (mode 0600, atomic). Refuses to
+    overwrite an existing one unless `replace`: losing it makes every aggregate of the study unreadable."""
+    path = _study_secret_path(state_dir, study_id, epoch)
     if path.exists() and not replace:
         raise PolicyError(f"{path}: a secret for study {study_id} is already stored; destroy it first or pass replace=True")
     write_atomic(path, bytes(secret_ctx_bytes), replace=True)
     return path
 
 
-def load_study_secret(state_dir: str | Path, study_id: str) -> bytes:
-    path = _study_secret_path(state_dir, study_id)
+def load_study_secret(state_dir: str | Path, study_id: str, epoch: int = 0) -> bytes:
+    path = _study_secret_path(state_dir, study_id, epoch)
     if not path.exists():
-        raise PolicyError(f"{path}: no secret stored for study {study_id} (key ceremony not done at this silo?)")
+        what = "key ceremony not done at this silo?" if epoch == 0 else \
+            "this silo was not in that re-key ceremony: revoked, withdrawn or not connected then"
+        raise PolicyError(f"{path}: no secret stored for study {study_id} key epoch {epoch} ({what})")
     return read_private(path, "study secret")
 
 
-def destroy_study_secret(state_dir: str | Path, study_id: str) -> bool:
+def shred_file(path: Path) -> dict | None:
     """Overwrite with zeros, fsync, unlink (best effort: SSDs and copy-on-write filesystems
-    may keep old blocks). Returns whether a secret was there."""
-    path = _study_secret_path(state_dir, study_id)
+    may keep old blocks). Returns what an audit log may keep about it (name, size, sha256
+    of the contents before), or None if there was no file."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
-        return False
+        return None
     try:
-        write_all(fd, bytes(os.fstat(fd).st_size))
+        data = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+        os.lseek(fd, 0, os.SEEK_SET)
+        write_all(fd, bytes(len(data)))
         os.fsync(fd)
     finally:
         os.close(fd)
     path.unlink()
     fsync_dir(path.parent)
-    return True
+    return {"file": path.name, "bytes": len(data), "sha256_before": hashlib.sha256(data).hexdigest()}
+
+
+def destroy_study_secret(state_dir: str | Path, study_id: str) -> bool:
+    """Shred the first key epoch's secret (see `silo_node.key_lifecycle` for every epoch,
+    with the audit record). Returns whether a secret was there."""
+    return shred_file(_study_secret_path(state_dir, study_id)) is not None
 
 
 # ---------------------------------------------------------------------------- files

@@ -55,6 +55,7 @@ def handle(silo, log: AuditLog, kind: str, header: dict, arrays: dict[str, np.nd
             raise PolicyError(f"unknown request kind {str(kind)[:60]!r}; this silo answers {', '.join(sorted(_WORK))}")
         silo.check(req)  # study, policy hash, approval: before any array is looked at
         check_request_arrays(silo.study, kind, arrays)
+        _use_key_epochs(silo, arrays)
         if kind in _USES_COHORT:
             silo.check_cohort()
         out, counts, privacy = _WORK[kind](silo, req, arrays)
@@ -103,8 +104,10 @@ def check_request_arrays(study, kind: str, arrays: dict) -> None:
     for name, arr in arrays.items():
         if _history_array(name):
             want = encoded
-        elif name == m.SEALED or name.startswith("peer_"):
+        elif name == m.SEALED or name == m.OUTCOME or name.startswith("peer_"):
             want = np.dtype(np.uint8)
+        elif name in (m.KEY_EPOCH, m.KEY_EPOCHS, m.EVAL_EPOCH):  # small integer vectors, checked where read
+            want = np.dtype(np.int64)
         else:
             raise PolicyError(f"{kind} request carries an unknown array {str(name)[:40]!r}: refused")
         if not isinstance(arr, np.ndarray) or arr.ndim != 1 or arr.dtype != want:
@@ -130,7 +133,7 @@ def _enrol(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
 
 def _keygen(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
     peers = {k[len("peer_"):]: _bytes(v) for k, v in arrays.items() if k.startswith("peer_")}
-    aggregator, sealed = silo.make_study_key(peers)
+    aggregator, sealed = silo.make_study_key(peers, m.epoch_of(arrays, m.KEY_EPOCH))
     _log_sealing(silo, peers, sealed)
     return {m.AGG_CTX: _u8(aggregator), **{m.sealed_key(p): _u8(b) for p, b in sealed.items()}}, None, None
 
@@ -155,10 +158,12 @@ def _keyrecv(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
     """Open the sealed study key; the log names the key that sealed it (a refusal is logged by `handle`)."""
     if m.SEALED not in arrays:
         raise PolicyError("key ceremony: the request carries no sealed study key")
-    sender, pinned = silo.receive_study_key(_bytes(arrays[m.SEALED]))
+    epoch = m.epoch_of(arrays, m.KEY_EPOCH)
+    sender, pinned = silo.receive_study_key(_bytes(arrays[m.SEALED]), epoch)
     if silo.audit is not None:
         silo.audit.append("key.received", req.study_id, {
-            "sealed_by_fingerprint": hashlib.sha256(sender).hexdigest(), "holder_pinned": pinned})
+            "sealed_by_fingerprint": hashlib.sha256(sender).hexdigest(), "holder_pinned": pinned}
+            | ({"key_epoch": epoch} if epoch else {}))
     return {}, None, None
 
 
@@ -196,7 +201,26 @@ def _close(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
     which chains over the witnessed one, is the silo's final head in the reply."""
     if not req.audit_seq:
         raise PolicyError("closing exchange without the coordinator's audit head: nothing to witness")
+    _destroy_keys_if_stopped(silo, arrays)
     return {}, None, None
+
+
+# ---- key lifecycle -------------------------------------------------------------------------
+def _use_key_epochs(silo, arrays: dict) -> None:
+    """Which key epoch each sum in the request was made under (after a re-key they differ)."""
+    if hasattr(silo, "use_key_epochs"):
+        silo.use_key_epochs(arrays)
+
+
+def _destroy_keys_if_stopped(silo, arrays: dict) -> None:
+    """A stopped study's key material goes now; a completed one's stays until its release is
+    answered or silo IT runs `silo-node keys destroy` (the final model is still to be decrypted)."""
+    outcome = bytes(_bytes(arrays[m.OUTCOME])).decode("utf-8", "replace") if m.OUTCOME in arrays else ""
+    if outcome != "stopped" or getattr(silo, "state_dir", None) is None or silo.study.encryption != "ckks":
+        return
+    from silo_node.key_lifecycle import destroy_study_secret
+
+    destroy_study_secret(silo.state_dir, silo.study.id, "study stopped (closing exchange)", party=silo.name)
 
 
 _USES_COHORT = frozenset({m.STATS, m.TRAIN, m.EVALUATE})  # checked against the cohort's fingerprint first

@@ -53,6 +53,12 @@ class Silo:
     validation: dict | None = None  # counts-only validation report, shared with the statistics reply
     cohort: CohortFingerprint | None = None  # the file as validated and loaded; checked before each round
 
+    # key lifecycle: which key epoch to encrypt under now, and which each received sum was made under
+    key_epoch: int = 0
+    history_epochs: list[int] = field(default_factory=list)  # [stats_sum, agg_1, ...]; empty = all epoch 0
+    eval_epoch: int | None = None
+    _codecs: dict[int, Codec] = field(default_factory=dict, repr=False)
+
     @classmethod
     def from_cohort(cls, name: str, study: StudySpec, cohort: str | Path, state_dir: Path | None = None,
                     fingerprint: CohortFingerprint | None = None) -> "Silo":
@@ -81,16 +87,39 @@ class Silo:
     # ---- encoding ----------------------------------------------------------------
     @property
     def codec(self) -> Codec:
-        if self._codec is None:
-            if self.study.encryption == "none":
+        """The codec this silo encrypts under now (the current key epoch)."""
+        if self.study.encryption == "none":
+            if self._codec is None:
                 self._codec = PlainCodec()
-            else:
-                from policies.ckks import load_context
-                from silo_node.keys import load_study_secret
+            return self._codec
+        return self.codec_at(self.key_epoch)
 
-                secret = load_study_secret(self._require_state_dir("CKKS"), self.study.id)
-                self._codec = CkksCodec(load_context(secret, self.study.ckks), self.study.ckks)
-        return self._codec
+    def codec_at(self, epoch: int) -> Codec:
+        """The codec of one key epoch: silos keep every epoch's key until the study's keys are
+        destroyed, since the history replayed each round mixes sums made under each."""
+        if self.study.encryption == "none":
+            return self.codec
+        if epoch not in self._codecs:
+            from policies.ckks import load_context
+            from silo_node.key_lifecycle import refuse_if_destroyed
+            from silo_node.keys import load_study_secret
+
+            refuse_if_destroyed(self.state_dir, self.study.id)
+            secret = load_study_secret(self._require_state_dir("CKKS"), self.study.id, epoch)
+            self._codecs[epoch] = CkksCodec(load_context(secret, self.study.ckks), self.study.ckks)
+        return self._codecs[epoch]
+
+    def use_key_epochs(self, arrays: dict[str, np.ndarray]) -> None:
+        """Read a request's key epochs: which key to encrypt under, which decrypts each sum it carries."""
+        from policies.messages import EVAL_EPOCH, KEY_EPOCH, epoch_list, epoch_of
+
+        self.key_epoch = epoch_of(arrays, KEY_EPOCH)
+        self.history_epochs = epoch_list(arrays)
+        self.eval_epoch = epoch_of(arrays, EVAL_EPOCH, self.key_epoch)
+
+    def _history_epoch(self, index: int) -> int:
+        """Key epoch of the statistics sum (0) or of aggregate `index` (1-based)."""
+        return self.history_epochs[index] if index < len(self.history_epochs) else 0
 
     def _require_state_dir(self, what: str) -> Path:
         if self.state_dir is None:
@@ -111,7 +140,8 @@ class Silo:
 
     def reveal(self, eval_sum: np.ndarray) -> np.ndarray:
         """Decrypt a pooled evaluation sum and round it before it leaves (IND-CPA-D)."""
-        vec = self.codec.decode(eval_sum, self._eval_scale())
+        vec = self.codec_at(self.eval_epoch if self.eval_epoch is not None else self.key_epoch).decode(
+            eval_sum, self._eval_scale())
         contributors = int(round(vec[-1]))
         if contributors < self.study.min_silos:
             raise PolicyError(f"pooled evaluation has {contributors} contributors, below the study minimum "
@@ -124,15 +154,18 @@ class Silo:
         return counts
 
     # ---- key ceremony ---------------------------------------------------------------
-    def _context_info(self) -> bytes:
-        return f"{self.study.id}:{self.study.policy_hash()}".encode()
+    def _context_info(self, epoch: int = 0) -> bytes:
+        """What a sealed study key is bound to: the study, its policy, and (after a re-key) the
+        key epoch, so an old epoch's sealed key cannot be replayed as a new one."""
+        base = f"{self.study.id}:{self.study.policy_hash()}"
+        return (base if epoch == 0 else f"{base}:key-epoch-{epoch}").encode()
 
     def enrolment_public(self) -> bytes:
         from silo_node.keys import EnrolmentKey
 
         return EnrolmentKey.load_or_create(self._require_state_dir("CKKS")).public_bytes()
 
-    def make_study_key(self, peers: dict[str, bytes]) -> tuple[bytes, dict[str, bytes]]:
+    def make_study_key(self, peers: dict[str, bytes], epoch: int = 0) -> tuple[bytes, dict[str, bytes]]:
         """Key ceremony at the key-holding silo: make the CKKS key, keep it, seal it to each peer.
 
         Returns the keyless aggregator context (all the coordinator may hold) and one
@@ -143,14 +176,16 @@ class Silo:
         from silo_node.keys import store_study_secret
 
         holder = self.study.ckks.key_holder
+        if epoch and epoch in self._known_epochs():
+            raise PolicyError(f"this silo already holds the key of key epoch {epoch}; a re-key makes a new epoch")
         if holder is not None and holder != self.name:
             raise PolicyError(f"the policy names '{holder}' as key holder, not this silo ('{self.name}'): "
                               "refusing to make the study key")
         ctx = new_secret_context(self.study.ckks)
         secret = secret_context_bytes(ctx)
-        store_study_secret(self._require_state_dir("CKKS"), self.study.id, secret, replace=True)
-        self._codec = None
-        return aggregator_context_bytes(ctx), self._seal_to_trusted(secret, peers)
+        store_study_secret(self._require_state_dir("CKKS"), self.study.id, secret, replace=True, epoch=epoch)
+        self._codecs.pop(epoch, None)
+        return aggregator_context_bytes(ctx), self._seal_to_trusted(secret, peers, epoch)
 
     def share_study_key(self, peers: dict[str, bytes]) -> dict[str, bytes]:
         """A silo that joins later gets the same key, sealed the same way."""
@@ -158,7 +193,13 @@ class Silo:
 
         return self._seal_to_trusted(load_study_secret(self._require_state_dir("CKKS"), self.study.id), peers)
 
-    def _seal_to_trusted(self, secret: bytes, peers: dict[str, bytes]) -> dict[str, bytes]:
+    def _known_epochs(self) -> set[int]:
+        from silo_node.keys import study_secret_files
+
+        files = study_secret_files(self._require_state_dir("CKKS"), self.study.id)
+        return {0 if ".e" not in p.name else int(p.name.split(".e")[1].split(".")[0]) for p in files}
+
+    def _seal_to_trusted(self, secret: bytes, peers: dict[str, bytes], epoch: int = 0) -> dict[str, bytes]:
         """Seal to each peer; when silo IT pinned fingerprints, a key not pinned (substituted?) gets nothing."""
         from silo_node.approval import load_approval
         from silo_node.keys import EnrolmentKey, fingerprint_matches
@@ -167,10 +208,10 @@ class Silo:
         approval = load_approval(state_dir, self.study)
         pins = approval.pins if approval else ()
         me = EnrolmentKey.load_or_create(state_dir)
-        return {peer: me.seal_to(pub, secret, self._context_info()) for peer, pub in peers.items()
+        return {peer: me.seal_to(pub, secret, self._context_info(epoch)) for peer, pub in peers.items()
                 if not pins or any(fingerprint_matches(pub, pin) for pin in pins)}
 
-    def receive_study_key(self, sealed: bytes) -> tuple[bytes, bool]:
+    def receive_study_key(self, sealed: bytes, epoch: int = 0) -> tuple[bytes, bool]:
         """Open and keep the study key, only if the pinned key holder sealed it for this study.
 
         Refused (PolicyError) before anything is stored otherwise. Returns the enrolment
@@ -182,9 +223,9 @@ class Silo:
 
         state_dir = self._require_state_dir("CKKS")
         pins = key_holder_pins(load_approval(state_dir, self.study), self.study)
-        opened = EnrolmentKey.load_or_create(state_dir).open(sealed, self._context_info(), pins)
-        store_study_secret(state_dir, self.study.id, opened.plaintext, replace=True)
-        self._codec = None
+        opened = EnrolmentKey.load_or_create(state_dir).open(sealed, self._context_info(epoch), pins)
+        store_study_secret(state_dir, self.study.id, opened.plaintext, replace=True, epoch=epoch)
+        self._codecs.pop(epoch, None)
         return opened.sender_public, pins is not None
 
     # ---- round 0 ---------------------------------------------------------------
@@ -225,14 +266,14 @@ class Silo:
             return normaliser_from_moments(moments(self.design.x_train))
         if stats_sum is None:
             raise PolicyError("pooled normalisation needs the statistics round's sum, which is missing")
-        pooled = self.codec.decode(stats_sum, self._stats_scale())
+        pooled = self.codec_at(self._history_epoch(0)).decode(stats_sum, self._stats_scale())
         return pooled_normaliser(pooled, stat_bounds(self.study), noised=self.study.dp is not None)
 
     def global_weights(self, aggregates: list[np.ndarray]) -> np.ndarray:
         """Rebuild the global model from the policy's init and every round's summed update."""
         means = []
         for r, agg in enumerate(aggregates, start=1):
-            summed = unpack_sum(self.codec.decode(agg))
+            summed = unpack_sum(self.codec_at(self._history_epoch(r)).decode(agg))
             if summed.contributors < self.study.min_silos:
                 raise PolicyError(
                     f"round {r} aggregate has {summed.contributors} contributors, below the study minimum "
@@ -328,5 +369,11 @@ class Silo:
         )
 
     def check(self, req: Request) -> None:
+        """Refuse another study or policy, and every request of a study this silo withdrew from."""
+        from silo_node.key_lifecycle import lifecycle_record, refuse_if_withdrawn
+
         check_request(req, self.study.id, self.study.policy_hash())
+        refuse_if_withdrawn(self.state_dir, self.study.id)
+        if self.state_dir is not None and lifecycle_record(self.state_dir, self.study.id).get("destroyed"):
+            self._codecs.clear()  # destroyed on disk by another process: not used from memory either
 

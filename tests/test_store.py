@@ -72,7 +72,7 @@ def test_open_creates_default_file_with_all_tables_wal_and_foreign_keys(tmp_path
     with store.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
-        assert conn.exec_driver_sql(f"SELECT version_num FROM {VERSION_TABLE}").scalar() == "0002_node_auth_key"
+        assert conn.exec_driver_sql(f"SELECT version_num FROM {VERSION_TABLE}").scalar() == "0004_revocation"
 
 
 def test_migrations_match_the_models(store: Store) -> None:
