@@ -241,8 +241,8 @@ def serve(state_dir: Path, silo, stop: Callable[[], bool] = lambda: False) -> No
                     reply = outbox.get(key) if key else None
                     if reply is None:
                         reply = handle(silo, log, kind, header, arrays)
-                        if key:
-                            outbox.put(key, reply)  # a train reply is on disk before it leaves
+                        if key and reply[0].get("status") == "ok":  # refusals are recomputed (charges are
+                            outbox.put(key, reply)  # per nonce), so garbage cannot evict a reply kept for a resend
                     else:  # a resend of the same request costs nothing
                         log.append("request.resent", f"{header.get('study_id')}/round-{key[1]}",
                                    {"kind": kind, "nonce": key[2], "answered_from": "outbox: nothing recomputed or charged"})
