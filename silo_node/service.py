@@ -263,8 +263,8 @@ def serve(state_dir: Path, silo, stop: Callable[[], bool] = lambda: False) -> No
                     reply = outbox.get(key) if key else None
                     if reply is None:
                         reply = handle(silo, log, kind, header, arrays)
-                        if key:
-                            try:
+                        if key and reply[0].get("status") == "ok":  # refusals are recomputed (charges are
+                            try:  # per nonce), so garbage cannot evict a reply kept for a resend
                                 outbox.put(key, reply)  # a train reply is on disk before it leaves
                             except PolicyError as exc:  # e.g. a full disk: it must not leave
                                 reply = _unsent(log, reply, str(exc))

@@ -303,7 +303,8 @@ def test_the_silo_refuses_broken_requests_and_keeps_serving(service, monkeypatch
     study, state, ask = service
     monkeypatch.setattr(m, "MAX_ARRAY_BYTES", 2**20)  # the service runs in this process: same check, smaller
     agg = np.zeros(20)
-    reply, out = ask(m.STATS, _header(study, round=0))  # a proper statistics request: the sum a train request needs
+    stats_request = _header(study, round=0)
+    reply, out = ask(m.STATS, stats_request)  # a proper statistics request: the sum a train request needs
     assert reply["status"] == "ok"
     stats_sum = out[m.MOMENTS]
     before = _state_without_audit(state)
@@ -348,3 +349,9 @@ def test_the_silo_refuses_broken_requests_and_keeps_serving(service, monkeypatch
 
     reply, out = ask(m.STATS, _header(study, round=0))  # and it still answers a proper request
     assert reply["status"] == "ok" and m.MOMENTS in out
+    # the refusals did not push the first reply out of the outbox: its resend is answered from there
+    reply, out = ask(m.STATS, stats_request)
+    assert reply["status"] == "ok"
+    np.testing.assert_array_equal(out[m.MOMENTS], stats_sum)
+    log = [json.loads(line) for line in (state / "audit.jsonl").read_text().splitlines()]
+    assert log[-1]["action"] == "request.resent" and log[-1]["details"]["nonce"] == stats_request["nonce"]
