@@ -190,22 +190,30 @@ def _fork_task(address: str, token: str, state_dir: Path, silo: str) -> int:
         os._exit(code)
 
 
-def serve(address: str, state_dir: Path, silo: str, poll: float, parent_pid: int | None = None) -> None:
-    """Take ClientApp tasks from the SuperNode until it (our parent) goes away."""
-    check_internals()
-    _die_with_parent(parent_pid)
-    allowed = installed_fab_sha256()  # computed once, before any task; children inherit it
-    import policies.audit  # noqa: F401 - imported once here so each forked task starts warm
+def _warm_up(silo: str) -> None:
+    """Hash the installed app and import the ClientApp once; every forked task inherits both."""
+    allowed = installed_fab_sha256()
+    import policies.audit  # noqa: F401
     import silo_node.client_app  # noqa: F401
 
     print(f"app launcher for silo {silo}: runs only the installed ClientApp, for FABs on the allow-list "
           f"(installed fedcohort app sha256 {allowed})", flush=True)
+
+
+def serve(address: str, state_dir: Path, silo: str, poll: float, parent_pid: int | None = None) -> None:
+    """Take ClientApp tasks from the SuperNode until it (our parent) goes away."""
+    check_internals()
+    _die_with_parent(parent_pid)
     client = _client(address, RuntimeVersionHttpInterceptor(component_name="SuperExec"))
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+    warm = False
     while parent_pid is None or os.getppid() == parent_pid:
         _reap()
         res = client.AcquireTask(request)
         if res.HasField("task") and res.token:
+            if not warm:  # at the first task, not at start: a SuperNode that fails to connect stays cheap
+                _warm_up(silo)
+                warm = True
             _fork_task(address, res.token, state_dir, silo)
             continue  # there may be more messages waiting
         time.sleep(poll)

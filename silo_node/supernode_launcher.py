@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time as _time
 
 import flwr
@@ -91,13 +93,28 @@ def guarded_args(flower_args: list[str]) -> list[str]:
     return args
 
 
-def start_app_launcher(flower_args: list[str], state_dir: str, name: str) -> subprocess.Popen:
-    """The silo's app launcher, a child of this SuperNode process (it exits when we do)."""
-    port = _option(flower_args, "--port", str(SUPERNODE_UVICORN_DEFAULT_PORT))
-    return subprocess.Popen([
-        sys.executable, "-m", "silo_node.app_launcher", "--runtime-api-address", f"127.0.0.1:{port}",
-        "--state-dir", state_dir, "--name", name, "--parent-pid", str(os.getpid()),
-    ])
+def start_app_launcher(flower_args: list[str], state_dir: str, name: str) -> threading.Thread:
+    """The silo's app launcher, a child of this SuperNode process (it exits when we do).
+
+    Started once the SuperNode's Runtime API is up, so on a busy machine its imports do not
+    slow down the SuperNode's own start (the keeper tells a broken setup by quick exits).
+    The thread stays alive while the launcher runs: Linux ties the launcher's parent-death
+    signal to the thread that started it."""
+    port = int(_option(flower_args, "--port", str(SUPERNODE_UVICORN_DEFAULT_PORT)))
+    cmd = [sys.executable, "-m", "silo_node.app_launcher", "--runtime-api-address", f"127.0.0.1:{port}",
+           "--state-dir", state_dir, "--name", name, "--parent-pid", str(os.getpid())]
+
+    def run() -> None:
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            _time.sleep(0.2)
+        subprocess.Popen(cmd).wait()
+
+    thread = threading.Thread(target=run, name="app-launcher", daemon=True)
+    thread.start()
+    return thread
 
 
 def main() -> None:

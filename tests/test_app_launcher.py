@@ -271,6 +271,7 @@ def guarded_federation(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # the shared fixture starts three silos and runs two apps
 def test_unknown_fab_is_refused_by_every_silo_before_its_code_runs(guarded_federation):
     g = guarded_federation
     assert g["result"].exists(), "the FAB's ServerApp never got its replies; logs:\n" + "\n".join(
@@ -287,6 +288,7 @@ def test_unknown_fab_is_refused_by_every_silo_before_its_code_runs(guarded_feder
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)
 def test_the_real_study_completes_with_the_launcher_in_front(guarded_federation):
     g = guarded_federation
     assert g["summary"]["status"] == "completed", json.dumps(g["summary"])[:2000]
@@ -297,6 +299,7 @@ def test_the_real_study_completes_with_the_launcher_in_front(guarded_federation)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_control_a_stock_supernode_runs_the_fab_code(tmp_path):
     """Without the launcher (stock `flower-supernode`, subprocess isolation) the same FAB's code
     does run at the node: the marker the tests above check for is a real signal."""
