@@ -17,7 +17,8 @@ import time
 from collections.abc import Callable, Sequence
 
 
-QUICK = 10.0  # seconds: a SuperNode that exits sooner than this did not get going
+QUICK = 60.0  # seconds: a SuperNode that exits sooner than this did not get going (generous: a loaded
+#               machine takes tens of seconds to start one, and a working one stays up for hours)
 GIVE_UP_AFTER = 5  # quick exits in a row before the silo stops instead of looping
 
 

@@ -298,7 +298,7 @@ def test_study_over_tls_admits_only_registered_silos(tmp_path: Path, sample_path
             assert f"SuperNode ID: {node_ids[name]}" in silos[name].log.read_text()
         # the unregistered silo's SuperNode was refused, never got a message, and its
         # `silo-node start` stopped by itself with an error that says why
-        assert silos[ROGUE].popen.wait(timeout=180) == 1
+        assert silos[ROGUE].popen.wait(timeout=600) == 1
         rogue_log = silos[ROGUE].log.read_text()
         assert "Failed to activate SuperNode" in rogue_log and "SuperNode ID" not in rogue_log
         assert "error: the SuperNode exited" in rogue_log
