@@ -421,8 +421,17 @@ class StudyRunner:
         publish the summary (what tests and the demo wait for)."""
         if self.book:
             self.book.finish(status, reason)
+        if status == "completed":
+            self.release_if_requested()
         self.close_study(status)
         self.write(status, reason)
+
+    def release_if_requested(self) -> None:
+        """A model release the lead requested while the study ran is delivered now, before the
+        closing exchange (coordinator/release.py)."""
+        from coordinator.release import release_if_requested
+
+        release_if_requested(self, self._study_nodes())
 
     def _study_nodes(self) -> list[int]:
         """Silos that took part and are still connected (every connected one if the study
@@ -579,6 +588,14 @@ def main(grid: Grid, context: Context) -> None:
         transport=str(cfg.get("transport", "push-pull")),
     )
     study_path = Path(str(cfg["study-path"]))
+    if str(cfg.get("mode", "study")) == "release":  # `coordinator study release`: deliver the lead's request
+        from coordinator.release import serve_release
+        from coordinator.store import open_store
+
+        runner.run_id = int(grid.run.run_id)
+        with open_store(str(cfg.get("db-url", "")) or None, Path(str(cfg["state-dir"]))) as store:
+            serve_release(runner, store)
+        return
     try:
         runner.book = StudyBook(Path(str(cfg["state-dir"])), study, study_path.read_text(), runner.audit,
                                 db_url=str(cfg.get("db-url", "")) or None)

@@ -153,9 +153,16 @@ def _close(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
     return {}, None, None
 
 
+def _release(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
+    """Model release: consent checked, final model rounded and sent (silo_node/release.py)."""
+    from silo_node.release import release_model
+
+    return release_model(silo, req, arrays)
+
+
 _WORK: dict[str, Callable] = {
     m.ENROL: _enrol, m.KEYGEN: _keygen, m.KEYSHARE: _keyshare, m.KEYRECV: _keyrecv, m.STATS: _stats,
-    m.TRAIN: _train, m.EVALUATE: _evaluate, m.REVEAL: _reveal, m.CLOSE: _close,
+    m.TRAIN: _train, m.EVALUATE: _evaluate, m.REVEAL: _reveal, m.CLOSE: _close, m.RELEASE: _release,
 }
 
 
