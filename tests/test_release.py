@@ -288,3 +288,33 @@ def test_release_needs_the_minimum_of_consents_and_the_card_scores_as_reported(t
             assert len(sent) == 2 and sent[-1] == digest  # sent at both requests; the first was not enough
         else:
             assert sent[-1] == digest
+
+
+# ---- the web UI's request button -------------------------------------------------------------------
+
+
+def test_ui_lead_requests_the_release_others_are_refused_and_nothing_is_written(tmp_path, monkeypatch):
+    """The Evaluations page offers the lead (only) the button; the handler re-checks the role in
+    the store, so an auditor's or admin's forced request is refused, logged, and writes nothing."""
+    from tests.test_ui_apptest import app, build_state, on
+    from ui import actions
+
+    monkeypatch.setenv("FEDCOHORT_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("FEDCOHORT_DB_URL", raising=False)
+    store = build_state(tmp_path)
+    at = on(app("aud"), "views/evaluations.py")
+    assert not [b for b in at.button if b.key == "release_request"]
+    for user in ("aud", "root"):
+        with pytest.raises(actions.AccessDenied, match="needs the role lead"):
+            actions.request_release(store, tmp_path, user, STUDY_ID, 1)
+    assert store.get_release(STUDY_ID) is None
+    at = on(app("lead"), "views/evaluations.py")
+    at.button(key="release_request").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    row = store.get_release(STUDY_ID)
+    assert (row.status, row.requested_by) == ("requested", "lead")
+    entries = list(actions.coordinator_log(tmp_path).entries())
+    assert (entries[-1].action, entries[-1].actor, entries[-1].role) == ("release.requested", "lead", "lead")
+    assert [e.action for e in entries[-3:-1]] == ["access.denied", "access.denied"]
+    assert any("delivered when its run ends" in c.value for c in on(app("lead"), "views/evaluations.py").caption)
+    store.close()
