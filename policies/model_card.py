@@ -31,6 +31,7 @@ WEIGHTS_FILE = "model.safetensors"
 CARD_FORMAT = "fedcohort-model-card/1"
 WEIGHTS_FORMAT = "fedcohort-logistic/1"
 TENSORS = ("weight", "bias", "feature_mean", "feature_std")
+METADATA_KEY = "fedcohort"
 
 
 def round_released(values: np.ndarray) -> np.ndarray:
@@ -57,9 +58,11 @@ def model_bytes(weights: np.ndarray, mean: np.ndarray, std: np.ndarray, study: S
         "feature_mean": round_released(mean),
         "feature_std": np.maximum(round_released(std), QUANTUM),
     }
-    metadata = {"format": WEIGHTS_FORMAT, "study_id": study.id, "policy_hash": study.policy_hash(),
-                "features": json.dumps(study.feature_names())}
-    return save(tensors, metadata=metadata)
+    # One metadata key: safetensors writes its metadata map in hash order, which differs from
+    # process to process; a single key keeps the file byte-identical at every silo.
+    about = {"format": WEIGHTS_FORMAT, "study_id": study.id, "policy_hash": study.policy_hash(),
+             "features": study.feature_names()}
+    return save(tensors, metadata={METADATA_KEY: json.dumps(about, sort_keys=True)})
 
 
 def load_model(data: bytes) -> dict[str, np.ndarray]:
@@ -76,10 +79,12 @@ def load_model(data: bytes) -> dict[str, np.ndarray]:
     return tensors
 
 
-def file_metadata(data: bytes) -> dict[str, str]:
-    """The safetensors header's `__metadata__` (8-byte little-endian length, then JSON)."""
+def file_metadata(data: bytes) -> dict:
+    """What the file says it is (study, policy hash, features), from the safetensors header's
+    `__metadata__` (8-byte little-endian length, then JSON)."""
     (size,) = struct.unpack("<Q", bytes(data[:8]))
-    return dict(json.loads(bytes(data[8:8 + size])).get("__metadata__", {}))
+    meta = json.loads(bytes(data[8:8 + size])).get("__metadata__", {})
+    return dict(json.loads(meta.get(METADATA_KEY, "{}")))
 
 
 def models_agree(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:

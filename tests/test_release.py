@@ -318,3 +318,80 @@ def test_ui_lead_requests_the_release_others_are_refused_and_nothing_is_written(
     assert [e.action for e in entries[-3:-1]] == ["access.denied", "access.denied"]
     assert any("delivered when its run ends" in c.value for c in on(app("lead"), "views/evaluations.py").caption)
     store.close()
+
+
+# ---- in one process: the same flow over the real silo handlers -------------------------------------
+
+from tests.test_closing_exchange import LoopbackGrid, flower_task  # noqa: E402,F401  (autouse fixture)
+
+
+def test_release_flow_over_real_silo_handlers_in_one_process(tmp_path):
+    """The ServerApp's release mode (`serve_release`) against the real silo request handler,
+    with Flower replaced by a loopback grid: a plaintext 2-round study, a failed release with
+    two consents (nothing stored), then a released one with switzerland refusing; the card
+    scores as the study reported."""
+    from coordinator.bookkeeping import StudyBook
+    from coordinator.release import request_release, serve_release
+    from coordinator.server_app import StudyRunner
+    from policies.audit import open_party_log
+    from policies.study import load_study_text
+    from silo_node.approval import approve
+    from silo_node.release import record_consent
+    from silo_node.worker import Silo
+
+    data = load_study(shipped_study()).model_dump(mode="json")
+    data.update(encryption="none", privacy="none")
+    data["training"].update(rounds=ROUNDS, local_steps=10)
+    data["approval"] = {"mode": "auto", "auto_rounds": ROUNDS}
+    text = yaml.safe_dump(data, sort_keys=False)
+    study_path = tmp_path / "study.yaml"
+    study_path.write_text(text)
+    study = load_study_text(text)
+    silos = {}
+    for node, (name, cohort) in enumerate(sample_cohorts().items(), start=11):
+        silo = Silo.from_cohort(name, study, cohort, state_dir=tmp_path / name)
+        silo.audit = open_party_log(tmp_path / name, name, "silo")
+        approve(tmp_path / name, study, [], "it", release="auto" if name == "cleveland" else "manual")
+        silos[node] = (silo, silo.audit)
+    record_consent(tmp_path / "hungary", study.id, "approve", "it-h", silos[12][1])
+    record_consent(tmp_path / "switzerland", study.id, "refuse", "it-s", silos[13][1])
+    grid = LoopbackGrid(silos)
+
+    def runner() -> StudyRunner:
+        r = StudyRunner(grid, study, tmp_path / "coordinator", timeout=5, poll=0.01, expected=4)
+        r.book = StudyBook(tmp_path, study, text, r.audit) if r.book is None and not released_mode[0] else None
+        return r
+
+    released_mode = [False]
+    first = runner()
+    first.run()
+    summary = json.loads((tmp_path / "coordinator" / "summary.json").read_text())
+    assert summary["status"] == "completed", summary["reason"]
+    released_mode[0] = True
+    store = first.book.store
+    request_release(store, first.audit, study.id, "lead")
+    serve_release(runner(), store)
+    row = store.get_release(study.id)
+    assert row.status == "failed" and row.weights is None and row.model_card is None
+    assert "2 silo(s) consented" in row.reason and row.consents["va"].startswith("no consent")
+    assert not (tmp_path / "coordinator" / "releases").exists()
+
+    record_consent(tmp_path / "va", study.id, "approve", "it-v", silos[14][1])
+    request_release(store, first.audit, study.id, "lead")
+    serve_release(runner(), store)
+    row = store.get_release(study.id)
+    assert row.status == "released", row.reason
+    assert "refused consent" in row.consents["switzerland"]
+    card_dir = tmp_path / "coordinator" / "releases" / f"{study.id}-v{study.version}"
+    card = json.loads((card_dir / "model_card.json").read_text())
+    assert card["model"]["sha256"] == row.model_sha256
+    assert card["training"]["participating_silos_per_round"] == {"1": sorted(cohorts_names()), "2": sorted(cohorts_names())}
+    assert card["privacy"]["epsilon_spent_per_silo"] == {} and card["privacy"]["mechanism"] == "none"
+    assert _score_card(card_dir, study_path) == pytest.approx(summary["final"]["pooled"]["accuracy"], abs=1e-6)
+    sent = [e["details"]["sha256"] for e in _entries(tmp_path / "va" / "audit.jsonl") if e["action"] == "release.model_sent"]
+    assert sent == [row.model_sha256]
+    store.close()
+
+
+def cohorts_names() -> list[str]:
+    return list(sample_cohorts())
