@@ -7,6 +7,8 @@
   coordinator serve --state-dir DIR [--host 0.0.0.0] [--port 9092]   (the TLS SuperLink, in the foreground)
   coordinator health --state-dir DIR            (exit 0 when `serve` and its SuperLink answer; for HEALTHCHECK)
   coordinator silo revoke NAME --state-dir DIR --reason TEXT [--superlink HOST:PORT]
+  coordinator study release --state-dir DIR [--study ID] [--superlink HOST:PORT] --insecure-local-demo
+  coordinator study export-model --state-dir DIR [--study ID] --out DIR
 """
 
 from __future__ import annotations
@@ -337,6 +339,56 @@ def _silo_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--user", default="coordinator-cli", help="who revokes (recorded in the audit log)")
     r.set_defaults(func=_silo_revoke)
 
+def _study_release(args: argparse.Namespace) -> int:
+    """Request the model release (unless one is pending) and deliver it to the silos in a Flower run."""
+    from coordinator.release import run_release
+
+    if not args.insecure_local_demo:
+        raise PolicyError("release needs TLS provisioning like `start`; on 127.0.0.1 pass --insecure-local-demo")
+    summary = run_release(Path(args.state_dir), args.study, args.superlink, args.user,
+                          expected_silos=args.expected_silos, db_url=args.db_url, timeout=args.timeout)
+    for silo, answer in sorted((summary.get("consents") or {}).items()):
+        print(f"  {silo:14s} {answer}")
+    if summary.get("release_status") != "released":
+        print(f"release failed: {summary.get('reason')}", file=sys.stderr)
+        return 1
+    print(f"model released: sha256 {summary['model_sha256']}; {summary.get('reason')}")
+    print(f"export it with `coordinator study export-model --state-dir {args.state_dir} --out DIR`")
+    return 0
+
+
+def _study_export_model(args: argparse.Namespace) -> int:
+    """Write the released model's card and weights (model_card.json, model.safetensors) to --out."""
+    from coordinator.release import _study_row, export_model
+    from coordinator.store import open_store
+
+    with open_store(args.db_url, Path(args.state_dir).resolve()) as store:
+        row = _study_row(store, args.study)
+        out = export_model(store, row.id, Path(args.out), version=row.version)
+    print(f"model card and weights of {row.label} written to {out}")
+    return 0
+
+
+def _study_parser(sub: argparse._SubParsersAction) -> None:
+    study = sub.add_parser("study", help="a finished study's model: release it to the store, export it")
+    study_sub = study.add_subparsers(dest="study_command", required=True)
+    r = study_sub.add_parser("release", help="ask the silos to release the final model (each by its consent policy)")
+    r.add_argument("--state-dir", default=".fedcohort")
+    r.add_argument("--study", help="study id (default: the one completed study in the store)")
+    r.add_argument("--superlink", default="127.0.0.1:9092", help="HOST:PORT of the SuperLink the silos connect to")
+    r.add_argument("--expected-silos", type=int, default=4, help="wait (bounded) for this many silos")
+    r.add_argument("--user", default="lead-cli", help="who requests (recorded in the store and audit log)")
+    r.add_argument("--db-url", help="SQLAlchemy URL of the store (default: SQLite under the state dir)")
+    r.add_argument("--timeout", type=float, default=1800.0, help="give up following the run after this many seconds")
+    r.add_argument("--insecure-local-demo", action="store_true", help="no TLS: only for studies on 127.0.0.1")
+    r.set_defaults(func=_study_release)
+    e = study_sub.add_parser("export-model", help="write the released model card and weights to a directory")
+    e.add_argument("--state-dir", default=".fedcohort")
+    e.add_argument("--study", help="study id (default: the one completed study in the store)")
+    e.add_argument("--out", required=True, help="directory to write model_card.json and model.safetensors into")
+    e.add_argument("--db-url", help="SQLAlchemy URL of the store (default: SQLite under the state dir)")
+    e.set_defaults(func=_study_export_model)
+
 
 def _ui(args: argparse.Namespace) -> int:
     """Serve the web UI; replaces this process with `python -m ui` (ui imports coordinator, not the reverse)."""
@@ -396,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.set_defaults(func=_ui)
     _certs_parser(sub)
     _silo_parser(sub)
+
+    _study_parser(sub)
     register_users_cli(sub)
     return parser
 
@@ -427,7 +481,7 @@ def _exit_on_sigterm(*_: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("demo", "start"):
+    if args.command in ("demo", "start", "study"):
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return args.func(args)

@@ -468,8 +468,16 @@ class StudyRunner:
         publish the summary (what tests and the demo wait for)."""
         if self.book:
             self.book.finish(status, reason)
-        self.close_study(status)
+        released = status == "completed" and self.release_if_requested()
+        self.close_study("released" if released else status)  # "released"/"stopped": silos destroy the keys
         self.write(status, reason)
+
+    def release_if_requested(self) -> bool:
+        """A model release the lead requested while the study ran is delivered now, before the
+        closing exchange (coordinator/release.py). Whether the model was released."""
+        from coordinator.release import release_if_requested
+
+        return release_if_requested(self, self._study_nodes())
 
     def _study_nodes(self) -> list[int]:
         """Silos that took part and are still connected (every connected one if the study
@@ -492,7 +500,7 @@ class StudyRunner:
         timeout, self.timeout = self.timeout, min(self.timeout, CLOSE_TIMEOUT)
         try:
             nodes = self._study_nodes()
-            outcome_arrays = {m.OUTCOME: np.frombuffer(outcome.encode(), dtype=np.uint8)}  # "stopped": silos destroy keys
+            outcome_arrays = {m.OUTCOME: np.frombuffer(outcome.encode(), dtype=np.uint8)}  # see silo_node.service._close
             answers, dropped = self.exchange(nodes, m.CLOSE, len(self.state.aggregates), outcome_arrays) if nodes else ([], [])
             ok = {a.node_id: a for a in answers if a.reply.status == "ok"}
             heads = {a.reply.silo: {"seq": a.reply.audit_seq, "head": a.reply.audit_head} for a in ok.values()}
@@ -719,6 +727,14 @@ def main(grid: Grid, context: Context) -> None:
         transport=str(cfg.get("transport", "push-pull")),
     )
     study_path = Path(str(cfg["study-path"]))
+    if str(cfg.get("mode", "study")) == "release":  # `coordinator study release`: deliver the lead's request
+        from coordinator.release import serve_release
+        from coordinator.store import open_store
+
+        runner.run_id = int(grid.run.run_id)
+        with open_store(str(cfg.get("db-url", "")) or None, Path(str(cfg["state-dir"]))) as store:
+            serve_release(runner, store)
+        return
     try:
         runner.book = StudyBook(Path(str(cfg["state-dir"])), study, study_path.read_text(), runner.audit,
                                 db_url=str(cfg.get("db-url", "")) or None)

@@ -108,11 +108,14 @@ def _lock_released(coordinator_dir: Path, wait: float) -> bool:
 
 def start_study(state_dir: Path, plan: StartPlan, address: str, *, expected_silos: int, db_url: str | None = None,
                 timeout: float = 3600.0, lock_wait: float = 90.0, on_progress: ProgressFn | None = None,
-                tls: SuperLinkTls | None = None) -> dict:
+                tls: SuperLinkTls | None = None, extra_config: dict[str, object] | None = None,
+                summary_name: str = "summary.json") -> dict:
     """Submit the study as a new Flower run (starting a SuperLink if none listens); follow it to its end.
 
     With `tls`, the run is submitted over TLS to the study CA (the SuperLink `coordinator
-    serve` runs, or one started here with SuperNode authentication)."""
+    serve` runs, or one started here with SuperNode authentication). `extra_config` and
+    `summary_name` serve other ServerApp modes over the same machinery (the model release:
+    `mode=release`, followed through its own summary file)."""
     state_dir = Path(state_dir).resolve()
     coordinator_dir = state_dir / "coordinator"
     host, _, port = address.rpartition(":")
@@ -131,10 +134,10 @@ def start_study(state_dir: Path, plan: StartPlan, address: str, *, expected_silo
         if not _lock_released(coordinator_dir, lock_wait):
             raise PolicyError(f"a ServerApp is still running a study in {state_dir} ({coordinator_dir / LOCK_FILE} "
                               f"held for {lock_wait:g} s); stop it first or wait for it to finish")
-        summary_path = coordinator_dir / "summary.json"
+        summary_path = coordinator_dir / summary_name
         summary_path.unlink(missing_ok=True)
         run_id = fed.submit({"study-path": str(plan.study_path), "state-dir": str(state_dir),
-                             "expected-silos": expected_silos, "db-url": db_url or ""})
+                             "expected-silos": expected_silos, "db-url": db_url or ""} | (extra_config or {}))
         try:
             summary = follow_run(fed, run_id, summary_path, time.time() + timeout, on_progress)
         finally:

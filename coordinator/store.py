@@ -19,6 +19,7 @@ head, so a new release migrates an existing store on first open.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 import time
@@ -72,6 +73,7 @@ Decision = Literal["approve", "hold", "reject"]
 EnrolmentStatus = Literal["pending", "validated", "failed", "withdrawn", "revoked"]
 KeyCeremony = Literal["not_started", "in_progress", "done", "failed"]
 Role = Literal["lead", "auditor", "admin"]
+ReleaseStatus = Literal["requested", "released", "failed"]
 
 _DECISION_STATUS: Mapping[str, RoundStatus] = {"approve": "approved", "hold": "held", "reject": "rejected"}
 
@@ -295,6 +297,29 @@ class Checkpoint(Base):
     __table_args__ = (_study_fk(),)
 
 
+class ModelRelease(Base):
+    """A study version's model release: requested by the lead, then released or failed.
+
+    One row per study version, the latest attempt (the audit log keeps every attempt). The
+    weights (a safetensors file, rounded at the silos) and the card are set only when the
+    release succeeded; a failed attempt keeps the consents and the reason, nothing else.
+    """
+
+    __tablename__ = "model_releases"
+    study_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    study_version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))
+    requested_by: Mapped[str] = mapped_column(Text)
+    requested_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    reason: Mapped[str] = mapped_column(Text)
+    consents: Mapped[dict[str, str]] = mapped_column(JSON)  # silo -> "consented" or why not
+    model_sha256: Mapped[str | None] = mapped_column(String(64))
+    model_card: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    weights: Mapped[bytes | None] = mapped_column(LargeBinary)
+    __table_args__ = (_study_fk(), _one_of("status", get_args(ReleaseStatus)))
+
+
 TABLES: tuple[str, ...] = tuple(Base.metadata.tables)
 
 # ----------------------------------------------------------------------------- returned rows
@@ -432,6 +457,21 @@ class CheckpointRow:
     encrypted_state: bytes
     silos_in: list[str]
     created_at: datetime
+
+
+@dataclass(frozen=True)
+class ModelReleaseRow:
+    study_id: str
+    study_version: int
+    status: ReleaseStatus
+    requested_by: str
+    requested_at: datetime
+    finished_at: datetime | None
+    reason: str
+    consents: dict[str, str]
+    model_sha256: str | None
+    model_card: dict[str, Any] | None
+    weights: bytes | None
 
 
 R = TypeVar("R")
@@ -1078,6 +1118,58 @@ class Store:
                  .order_by(Checkpoint.round_no.desc()).limit(1))
             row = s.scalars(q).first()
             return None if row is None else _row(CheckpointRow, row)
+
+    # ---- model release ------------------------------------------------------------------------
+    def request_release(self, study_id: str, user: str, *, version: int | None = None,
+                        allow_running: bool = False) -> ModelReleaseRow:
+        """The lead asks for the final model: a completed study (or, with `allow_running`, a
+        running one, delivered when its run ends); not while a request is pending or once
+        released; after a failed attempt a new request replaces it."""
+        _text(user, "user name")
+        with self._write() as s:
+            study = self._study(s, study_id, version, lock=True)
+            label = f"{study.id} v{study.version}"
+            if study.status != "completed" and not (allow_running and study.status == "running"):
+                raise PolicyError(f"study {label} is {study.status}: a model is released only after the last round "
+                                  "of a completed study")
+            row = s.get(ModelRelease, (study.id, study.version))
+            if row is not None and row.status in ("requested", "released"):
+                raise PolicyError(f"study {label}: the model release is already {row.status} "
+                                  f"(by {row.requested_by}); nothing changed")
+            if row is None:
+                row = ModelRelease(study_id=study.id, study_version=study.version)
+                s.add(row)
+            row.status, row.requested_by, row.requested_at, row.finished_at = "requested", user, _now(), None
+            row.reason, row.consents, row.model_sha256, row.model_card, row.weights = "", {}, None, None, None
+            s.flush()
+            return _row(ModelReleaseRow, row)
+
+    def finish_release(self, study_id: str, status: ReleaseStatus, consents: Mapping[str, str], reason: str = "", *,
+                       weights: bytes | None = None, model_card: Mapping[str, Any] | None = None,
+                       version: int | None = None) -> ModelReleaseRow:
+        """Record the outcome of a pending request: the model and card only when released."""
+        _choice(status, ReleaseStatus, "release outcome")
+        if status == "requested":
+            raise PolicyError("a release ends as released or failed")
+        if (status == "released") != (weights is not None and model_card is not None):
+            raise PolicyError("a released model needs its weights and card; a failed release stores neither")
+        with self._write() as s:
+            study = self._study(s, study_id, version, lock=True)
+            row = s.get(ModelRelease, (study.id, study.version))
+            if row is None or row.status != "requested":
+                raise PolicyError(f"study {study.id} v{study.version}: no pending release request to finish")
+            row.status, row.finished_at, row.reason, row.consents = status, _now(), reason[:2000], plain_json(dict(consents))
+            if weights is not None and model_card is not None:
+                row.weights, row.model_card = bytes(weights), plain_json(dict(model_card))
+                row.model_sha256 = hashlib.sha256(row.weights).hexdigest()
+            s.flush()
+            return _row(ModelReleaseRow, row)
+
+    def get_release(self, study_id: str, *, version: int | None = None) -> ModelReleaseRow | None:
+        with self._read() as s:
+            study = self._study(s, study_id, version)
+            row = s.get(ModelRelease, (study.id, study.version))
+            return None if row is None else _row(ModelReleaseRow, row)
 
     # ---- users (hashing is the caller's job; this only stores the hash string) ------------------
     def add_user(self, name: str, role: str, password_hash: str) -> UserRow:

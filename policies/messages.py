@@ -26,6 +26,7 @@ TRAIN = "train"
 EVALUATE = "evaluate"
 REVEAL = "query.reveal"  # silos decrypt a pooled evaluation sum and return it rounded
 CLOSE = "query.close"  # study ended: the coordinator's final audit head out, each silo's final head back
+RELEASE = "query.release"  # model release: consenting silos send the final model, rounded (see policies/model_card)
 HEADER = "fedcohort"  # ConfigRecord name of the header
 ARRAYS = "arrays"  # ArrayRecord name of the arrays
 STATS_SUM = "stats_sum"
@@ -37,6 +38,7 @@ AGG_CTX = "aggregator_context"
 SEALED = "sealed"
 EVAL_SUM = "eval_sum"
 POOLED_EVAL = "pooled_eval"
+MODEL = "model"  # a released model: the safetensors file's bytes (uint8)
 
 
 # Header fields are bounded: a reply's text ends up in the coordinator's store, audit log and

@@ -20,6 +20,7 @@ from policies.study import StudySpec
 from silo_node.ledger import write_durably
 
 APPROVALS_DIR = "approvals"
+RELEASE_MODES = ("manual", "auto")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Approval:
     approved_by: str
     approved_at: str
     named: tuple[tuple[str, str], ...] = ()  # (peer name, fingerprint) for pins given as NAME=FINGERPRINT
+    release: str = "manual"  # model release consent: "auto" or "manual" (`silo-node release approve`)
 
     def pin_for(self, peer: str) -> str | None:
         return dict(self.named).get(peer)
@@ -63,11 +65,14 @@ def parse_pins(pins: list[str]) -> tuple[tuple[str, ...], tuple[tuple[str, str],
     return tuple(sorted({fp for _, fp in parsed})), tuple(sorted(named.items()))
 
 
-def approve(state_dir: Path, study: StudySpec, pins: list[str], by: str) -> Approval:
-    """Record durably that this silo takes part in exactly this policy, trusting these peers."""
+def approve(state_dir: Path, study: StudySpec, pins: list[str], by: str, release: str = "manual") -> Approval:
+    """Record durably that this silo takes part in exactly this policy, trusting these peers,
+    and whether it consents to releasing the final model automatically or only when silo IT says so."""
     fingerprints, named = parse_pins(pins)
+    if release not in RELEASE_MODES:
+        raise PolicyError(f"--release {release!r}: use one of {', '.join(RELEASE_MODES)}")
     approval = Approval(study.id, study.policy_hash(), fingerprints,
-                        by, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), named)
+                        by, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), named, release)
     path = _path(state_dir, study.id)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_durably(path, approval.__dict__ | {"pins": list(approval.pins), "named": dict(approval.named)})
@@ -75,12 +80,17 @@ def approve(state_dir: Path, study: StudySpec, pins: list[str], by: str) -> Appr
 
 
 def load_approval(state_dir: Path, study: StudySpec) -> Approval | None:
-    path = _path(state_dir, study.id)
+    return load_approval_by_id(state_dir, study.id)
+
+
+def load_approval_by_id(state_dir: Path, study_id: str) -> Approval | None:
+    """The approval recorded for a study id (silo IT's commands name the study by id)."""
+    path = _path(state_dir, study_id)
     if not path.exists():
         return None
     data = json.loads(path.read_text())
     return Approval(data["study_id"], data["policy_hash"], tuple(data["pins"]), data["approved_by"], data["approved_at"],
-                    tuple(sorted(data.get("named", {}).items())))
+                    tuple(sorted(data.get("named", {}).items())), data.get("release", "manual"))
 
 
 def require_approval(state_dir: Path, study: StudySpec) -> Approval:

@@ -5,6 +5,7 @@
   silo-node host --silos FILE                    (several co-located silos: one line of `start` arguments each)
   silo-node certs request --state-dir DIR        (SuperNode key; send node-auth.pub to the coordinator)
   silo-node certs trust CA.crt --state-dir DIR   (the study CA the coordinator sent)
+<<<<<<< HEAD
   silo-node backup --state-dir DIR --out FILE (--passphrase-file F | --passphrase-stdin | --key-file F)
   silo-node restore --in FILE --state-dir DIR (same key options) [--force]
   silo-node status --state-dir DIR [--json]      (studies, spend vs ceilings, last rounds, connection, cohort)
@@ -14,6 +15,9 @@
 
   silo-node withdraw STUDY --state-dir DIR [--reason TEXT]   (stop taking part; destroys the study's keys)
   silo-node keys destroy STUDY --state-dir DIR --reason TEXT (a finished study's keys, e.g. no release coming)
+=======
+  silo-node release approve|refuse STUDY_ID --state-dir DIR   (consent to releasing the final model)
+>>>>>>> release
 """
 
 from __future__ import annotations
@@ -114,8 +118,9 @@ def _approve(args: argparse.Namespace) -> int:
             ledger.set_ceiling(args.epsilon_ceiling)
             print(f"this silo's ceiling for {study.id}: epsilon {args.epsilon_ceiling:g} "
                   f"(study budget {study.dp.epsilon:g}); the coordinator cannot raise it")
-    approval = approve(state_dir, study, args.pin, args.by)
-    print(f"approved {study.id} policy {approval.policy_hash[:12]} with {len(approval.pins)} pinned peer(s)")
+    approval = approve(state_dir, study, args.pin, args.by, release=args.release)
+    print(f"approved {study.id} policy {approval.policy_hash[:12]} with {len(approval.pins)} pinned peer(s); "
+          f"model release consent: {approval.release}")
     return 0
 
 
@@ -247,6 +252,19 @@ def _tls_flags(args: argparse.Namespace, state_dir: Path) -> list[str]:
     ca = ca_path(state_dir, args.root_certificates)
     key = node_key_path(state_dir, args.auth_key)
     return ["--root-certificates", str(ca), "--auth-supernode-private-key", str(key)]
+
+
+def _release_decide(args: argparse.Namespace) -> int:
+    """Silo IT consents to (or refuses) releasing the study's final model; logged at this silo."""
+    from policies.audit import open_party_log
+    from silo_node.release import record_consent
+
+    state_dir = Path(args.state_dir).resolve()
+    log = open_party_log(state_dir, args.name or state_dir.name, "silo")
+    consent = record_consent(state_dir, args.study_id, args.release_command, args.by, log)
+    verb = "consents to" if consent.decision == "approve" else "refuses"
+    print(f"this silo {verb} releasing the final model of {consent.study_id} (policy {consent.policy_hash[:12]})")
+    return 0
 
 
 def _certs_request(args: argparse.Namespace) -> int:
@@ -435,7 +453,18 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--epsilon-ceiling", type=float, help="this hospital's lower epsilon cap for this study")
     a.add_argument("--silo-total-epsilon", type=float, help="cap on the sum of all studies' epsilon at this silo")
     a.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    a.add_argument("--release", choices=("manual", "auto"), default="manual",
+                   help="consent to releasing the final model: auto, or manual (`silo-node release approve`; default)")
     a.set_defaults(func=_approve)
+    rel = sub.add_parser("release", help="consent to, or refuse, releasing a study's final model")
+    rel_sub = rel.add_subparsers(dest="release_command", required=True)
+    for decision, text in (("approve", "consent to releasing the final model"), ("refuse", "refuse to release it")):
+        d = rel_sub.add_parser(decision, help=text)
+        d.add_argument("study_id", metavar="STUDY", help="the study's id (as approved at this silo)")
+        d.add_argument("--state-dir", required=True)
+        d.add_argument("--by", default="silo-it", help="who decides (recorded)")
+        d.add_argument("--name", help="this silo's name in its audit log (default: the state directory's name)")
+        d.set_defaults(func=_release_decide)
     audit = sub.add_parser("audit", help="export or verify this silo's tamper-evident audit log")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     e = audit_sub.add_parser("export", help="export this silo's audit log as a bundle")

@@ -42,7 +42,7 @@ def _relay_to_service(kind: str):
     return handler
 
 
-for _kind in (m.ENROL, m.KEYGEN, m.KEYSHARE, m.KEYRECV, m.STATS, m.REVEAL, m.CLOSE):
+for _kind in (m.ENROL, m.KEYGEN, m.KEYSHARE, m.KEYRECV, m.STATS, m.REVEAL, m.CLOSE, m.RELEASE):
     app.query(_kind.removeprefix("query."))(_relay_to_service(_kind))
 
 

@@ -201,7 +201,7 @@ def _close(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
     which chains over the witnessed one, is the silo's final head in the reply."""
     if not req.audit_seq:
         raise PolicyError("closing exchange without the coordinator's audit head: nothing to witness")
-    _destroy_keys_if_stopped(silo, arrays)
+    _destroy_keys_at_end(silo, arrays)
     return {}, None, None
 
 
@@ -212,21 +212,31 @@ def _use_key_epochs(silo, arrays: dict) -> None:
         silo.use_key_epochs(arrays)
 
 
-def _destroy_keys_if_stopped(silo, arrays: dict) -> None:
-    """A stopped study's key material goes now; a completed one's stays until its release is
-    answered or silo IT runs `silo-node keys destroy` (the final model is still to be decrypted)."""
+def _destroy_keys_at_end(silo, arrays: dict) -> None:
+    """A stopped study's key material goes now, and so does a released one's (its model has
+    left: nothing more to decrypt). A completed study's keys stay until its release succeeds
+    or silo IT runs `silo-node keys destroy`: a failed release may be asked again."""
     outcome = bytes(_bytes(arrays[m.OUTCOME])).decode("utf-8", "replace") if m.OUTCOME in arrays else ""
-    if outcome != "stopped" or getattr(silo, "state_dir", None) is None or silo.study.encryption != "ckks":
+    why = {"stopped": "study stopped (closing exchange)", "released": "model released (closing exchange)"}.get(outcome)
+    if why is None or getattr(silo, "state_dir", None) is None or silo.study.encryption != "ckks":
         return
     from silo_node.key_lifecycle import destroy_study_secret
 
-    destroy_study_secret(silo.state_dir, silo.study.id, "study stopped (closing exchange)", party=silo.name)
+    destroy_study_secret(silo.state_dir, silo.study.id, why, party=silo.name)
 
 
 _USES_COHORT = frozenset({m.STATS, m.TRAIN, m.EVALUATE})  # checked against the cohort's fingerprint first
+
+def _release(silo, req: m.Request, arrays: dict) -> tuple[dict, None, None]:
+    """Model release: consent checked, final model rounded and sent (silo_node/release.py)."""
+    from silo_node.release import release_model
+
+    return release_model(silo, req, arrays)
+
+
 _WORK: dict[str, Callable] = {
     m.ENROL: _enrol, m.KEYGEN: _keygen, m.KEYSHARE: _keyshare, m.KEYRECV: _keyrecv, m.STATS: _stats,
-    m.TRAIN: _train, m.EVALUATE: _evaluate, m.REVEAL: _reveal, m.CLOSE: _close,
+    m.TRAIN: _train, m.EVALUATE: _evaluate, m.REVEAL: _reveal, m.CLOSE: _close, m.RELEASE: _release,
 }
 
 

@@ -68,7 +68,7 @@ def test_open_creates_default_file_with_all_tables_wal_and_foreign_keys(tmp_path
     names = set(inspect(store.engine).get_table_names())
     assert names == set(TABLES) | {VERSION_TABLE}
     assert set(TABLES) == {"studies", "silos", "enrolments", "rounds", "approvals", "evaluations",
-                           "privacy_spend", "users", "audit_entries", "checkpoints"}
+                           "privacy_spend", "users", "audit_entries", "checkpoints", "model_releases"}
     with store.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1

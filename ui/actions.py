@@ -21,7 +21,7 @@ import yaml
 
 from coordinator import users
 from coordinator.lifecycle import StatusChange, transition
-from coordinator.store import ApprovalRow, Store, StudyRow, UserRow
+from coordinator.store import ApprovalRow, ModelReleaseRow, Store, StudyRow, UserRow
 from policies.audit import AuditLog, VerifyResult, describe, export_bundle, verify
 from policies.errors import PolicyError
 from policies.study import load_study_text
@@ -246,5 +246,22 @@ def unlock_user(store: Store, state: Path, user: str, name: str) -> UserRow:
 def reset_password(store: Store, state: Path, user: str, name: str, password: str) -> UserRow:
     who = authorize(store, state, user, ADMINS, "user.reset_password", name)
     row = users.reset_password(store, who.name, name, password, audit_log=coordinator_log(state))
+    mirror_audit(store, state)
+    return row
+
+
+# ----------------------------------------------------------------------------- model release
+
+RELEASERS = frozenset({"lead"})  # only a study lead asks the silos for the model
+
+
+def request_release(store: Store, state: Path, user: str, study_id: str, version: int) -> ModelReleaseRow:
+    """The lead's release request; a running study's is delivered when its run ends, a completed
+    one's by `coordinator study release` (coordinator/release.py says why)."""
+    from coordinator.release import request_release as record_request
+
+    who = authorize(store, state, user, RELEASERS, "release.request", f"{study_id} v{version}")
+    row = record_request(store, coordinator_log(state), study_id, who.name, version=version, allow_running=True,
+                         role=who.role)
     mirror_audit(store, state)
     return row

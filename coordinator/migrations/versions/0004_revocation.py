@@ -7,7 +7,7 @@ and keys are what audits refer to). Additive: nullable columns, and one more all
 enrolment status.
 
 Revision ID: 0004_revocation
-Revises: 0002_node_auth_key (the lead re-chains it after 0003_model_release at merge)
+Revises: 0003_model_release
 Create Date: 2026-11-24
 """
 
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0004_revocation"
-down_revision: str | None = "0002_node_auth_key"
+down_revision: str | None = "0003_model_release"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
