@@ -5,19 +5,15 @@
   silo-node host --silos FILE                    (several co-located silos: one line of `start` arguments each)
   silo-node certs request --state-dir DIR        (SuperNode key; send node-auth.pub to the coordinator)
   silo-node certs trust CA.crt --state-dir DIR   (the study CA the coordinator sent)
-<<<<<<< HEAD
   silo-node backup --state-dir DIR --out FILE (--passphrase-file F | --passphrase-stdin | --key-file F)
   silo-node restore --in FILE --state-dir DIR (same key options) [--force]
   silo-node status --state-dir DIR [--json]      (studies, spend vs ceilings, last rounds, connection, cohort)
   silo-node health --state-dir DIR               (exit 0 healthy, else 1 and one line why; for HEALTHCHECK)
   silo-node apps list --state-dir DIR            (the Flower apps (FAB sha256) this silo runs)
   silo-node apps allow SHA256 --state-dir DIR    (after reviewing a FAB; `apps revoke` undoes it)
-
   silo-node withdraw STUDY --state-dir DIR [--reason TEXT]   (stop taking part; destroys the study's keys)
   silo-node keys destroy STUDY --state-dir DIR --reason TEXT (a finished study's keys, e.g. no release coming)
-=======
   silo-node release approve|refuse STUDY_ID --state-dir DIR   (consent to releasing the final model)
->>>>>>> release
 """
 
 from __future__ import annotations
