@@ -51,7 +51,9 @@ class StudyRunner:
         self.state = StudyState(study.id, study.policy_hash())
         out_dir.mkdir(parents=True, exist_ok=True)
         self.audit = open_party_log(out_dir, "coordinator", "coordinator")
-        self.ledger_witness: dict[int, tuple[int, str]] = {}  # node -> last privacy-ledger head seen
+        # silo name -> last privacy-ledger head seen; by name, not node id, so a silo that comes
+        # back under a new node id (restarted, restored from a backup) is still held to it
+        self.ledger_witness: dict[str, tuple[int, str]] = {}
         # (round record the model was evaluated for, summed evaluation counts not yet revealed)
         self.pending_eval: tuple[RoundRecord | None, np.ndarray] | None = None
         self.book: StudyBook | None = None
@@ -97,8 +99,9 @@ class StudyRunner:
         shared = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
         seq, head = self.audit.head()
         sent_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        names = {**self._registered(), **self.names} if self.ledger_witness else {}
         for node in nodes:
-            lseq, lhead = self.ledger_witness.get(node, (0, ""))
+            lseq, lhead = self.ledger_witness.get(names.get(node, ""), (0, ""))
             req = m.Request(study_id=self.study.id, policy_hash=self.state.policy_hash, round=round_no,
                             nonce=(nonces or {}).get(node) or m.new_nonce(), sent_at=sent_at, audit_seq=seq, audit_head=head,
                             ledger_seq=lseq, ledger_head=lhead)
@@ -378,8 +381,9 @@ class StudyRunner:
             round=round_no,
             asked=[self.names.get(n, str(n)) for n in nodes],
             replied=[a.reply.silo for a in ok],
-            refused={a.reply.silo: a.reply.reason for a in answers if a.reply.status != "ok"}
-            | {self.names.get(n, str(n)): why for n, why in dropped.items()}
+            # a silo's own reason wins over "no reply" from an old node id of the same silo (restarted)
+            refused={self.names.get(n, str(n)): why for n, why in dropped.items()}
+            | {a.reply.silo: a.reply.reason for a in answers if a.reply.status != "ok"}
             | {silo: f"rejected by the coordinator: {why}" for silo, why in self.rejected.items()},
             bytes_down=len(nodes) * sum(np.asarray(v).nbytes for v in history.values()),
             bytes_up=sum(v.nbytes for a in answers for v in a.arrays.values()),
@@ -394,7 +398,7 @@ class StudyRunner:
         record.per_silo = {a.reply.silo: a.reply.report_dict() for a in ok}
         for a in ok:
             if a.reply.ledger_seq:
-                self.ledger_witness[a.node_id] = (a.reply.ledger_seq, a.reply.ledger_head)
+                self.ledger_witness[a.reply.silo] = (a.reply.ledger_seq, a.reply.ledger_head)
                 record.privacy[a.reply.silo] = {"epsilon_spent": a.reply.epsilon_spent,
                                                 "epsilon_budget": a.reply.epsilon_budget,
                                                 "rounds_left": a.reply.rounds_left,
@@ -547,7 +551,7 @@ class StudyRunner:
             "round": round_no, "run_id": None if self.run_id is None else str(self.run_id), "silos_in": silos_in,
             "holder": self.names.get(self.holder) if self.holder is not None else None,
             "fingerprints": self.fingerprints, "nodes": {self.names.get(n, str(n)): str(n) for n in nodes},
-            "witness": {self.names.get(n, str(n)): list(w) for n, w in self.ledger_witness.items()},
+            "witness": {silo: list(w) for silo, w in self.ledger_witness.items()},
             "eval_target": None if self.pending_eval is None or self.pending_eval[0] is None else self.pending_eval[0].round,
             "next_nonces": self.next_nonces,
             **self._key_meta(),
@@ -588,7 +592,7 @@ class StudyRunner:
         witness = meta.get("witness") or {}
         for a in members:
             if a.reply.silo in witness:
-                self.ledger_witness[a.node_id] = (int(witness[a.reply.silo][0]), str(witness[a.reply.silo][1]))
+                self.ledger_witness[a.reply.silo] = (int(witness[a.reply.silo][0]), str(witness[a.reply.silo][1]))
             if a.reply.silo == meta.get("holder"):
                 self.holder = a.node_id
         self.names = {a.node_id: a.reply.silo for a in members}

@@ -230,3 +230,112 @@ def test_restore_refuses_while_the_service_runs(tmp_path, study):
         with pytest.raises(PolicyError, match="is running on this state directory; stop it first"):
             bk.restore(archive, state, secret, force=True)
     assert PrivacyLedger.load(state, STUDY).seq == 2
+
+
+# ---- real processes: an older restore is refused ------------------------------------------------
+
+
+def _supernode_ids(log: Path) -> list[str]:
+    """Every node id the silo's SuperNode registered under (its log is appended across restarts)."""
+    return [line.rsplit("SuperNode ID:", 1)[1].strip() for line in log.read_text(errors="replace").splitlines()
+            if "SuperNode ID:" in line]
+
+
+def _stop(proc) -> None:
+    """Stop `silo-node start` as silo IT would (SIGTERM to its session: service and SuperNode)."""
+    try:
+        os.killpg(proc.popen.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    proc.popen.wait(timeout=120)
+
+
+def _round_finished(state: Path, round_no: int) -> bool:
+    from coordinator.store import open_store
+
+    try:
+        store = open_store(None, state)
+        try:
+            return any(r.round_no == round_no and r.status == "finished" for r in store.list_rounds(STUDY))
+        finally:
+            store.close()
+    except PolicyError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)  # real processes, 3 CKKS + DP rounds and a silo restart on 2 shared cores
+def test_restoring_an_older_backup_is_refused_at_the_next_round(tmp_path, sample_paths):
+    """CKKS + DP study, 3 rounds, rounds 2 and 3 wait for the lead. va is backed up after
+    round 1 (while it runs), trains round 2, is stopped and restored from that backup, and
+    started again (a new SuperNode id). Its ledger now holds fewer charges than the
+    coordinator witnessed, so round 3 is refused at va with that reason in the store, va is
+    not charged, and the study completes with the other three."""
+    import yaml
+
+    from coordinator.demo import read_summary, sample_cohorts
+    from coordinator.runtime import LocalFederation, SiloSpec
+    from coordinator.store import open_store
+    from tests.test_resume import _checkpointed, _entries, _small_study, _wait
+
+    study_path = _small_study(tmp_path, private=True, auto_rounds=1)
+    data = yaml.safe_load(study_path.read_text())
+    data["training"]["rounds"] = 3
+    study_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    state, cohorts = tmp_path, sample_cohorts()
+    va_dir = state / "silos" / "va"
+    summary_path = state / "coordinator" / "summary.json"
+    passfile = _secret_file(tmp_path, PASSPHRASE.encode(), "backup-pass")
+    archive = tmp_path / "va-after-round-1.fcbk"
+    fed = LocalFederation(work_dir=state / "runtime" / "test")
+
+    def status() -> str:
+        return (read_summary(summary_path) or {}).get("status", "")
+
+    def approve_round(r: int) -> None:
+        store = open_store(None, state)
+        store.record_approval(STUDY, r, "approve", "lead-alice", f"round {r}")
+        store.close()
+
+    try:
+        fed.start_superlink()
+        specs = {name: SiloSpec(name, cohort, study_path, state / "silos" / name) for name, cohort in cohorts.items()}
+        silos = {name: fed.start_silo(spec) for name, spec in specs.items()}
+        fed.submit({"study-path": str(study_path), "state-dir": str(state), "expected-silos": 4,
+                    "reply-timeout": 180})
+        _wait("round 1 checkpointed, round 2 at the gate",
+              lambda: _checkpointed(state) == 1 and status() == "round 2 waiting for approval", 1200)
+        assert _cli("backup", "--state-dir", va_dir, "--out", archive, "--passphrase-file", passfile) == 0
+        backed_up = PrivacyLedger.load(va_dir, STUDY).seq
+        approve_round(2)
+        _wait("round 2 checkpointed, round 3 at the gate",
+              lambda: _checkpointed(state) == 2 and status() == "round 3 waiting for approval", 1200)
+        witnessed = PrivacyLedger.load(va_dir, STUDY).seq
+        assert witnessed == backed_up + 1  # round 2's charge, which the coordinator saw in va's reply
+
+        _stop(silos["va"])
+        assert _cli("restore", "--in", archive, "--state-dir", va_dir, "--passphrase-file", passfile) == 2
+        assert _cli("restore", "--in", archive, "--state-dir", va_dir, "--passphrase-file", passfile, "--force") == 0
+        assert PrivacyLedger.load(va_dir, STUDY).seq == backed_up
+        silos["va"] = fed.start_silo(specs["va"])
+        _wait("va's new SuperNode to register", lambda: len(_supernode_ids(silos["va"].log)) >= 2, 600)
+        approve_round(3)
+        _wait("round 3 to finish", lambda: _round_finished(state, 3), 1500)
+    finally:
+        fed.stop()
+
+    store = open_store(None, state)
+    rounds = {r.round_no: r for r in store.list_rounds(STUDY)}
+    store.close()
+    reason = rounds[3].refused.get("va", "")
+    assert "restored from an older backup or rolled back" in reason, rounds[3].refused
+    assert f"holds {backed_up} charges but the coordinator witnessed {witnessed}" in reason
+    assert "va" not in rounds[3].replied and len(rounds[3].replied) == 3
+    ledger = PrivacyLedger.load(va_dir, STUDY)
+    assert ledger.seq == backed_up  # refused before anything was charged: the spend did not move
+    silo_log = _entries(va_dir / AUDIT_FILE)
+    assert [e["action"] for e in silo_log].count(bk.RESTORE_ACTION) == 1
+    assert any(e["action"] == "train.refused" and e["subject"] == f"{STUDY}/round-3" for e in silo_log)
+    coordinator_log = _entries(state / "coordinator" / AUDIT_FILE)
+    finished = [e for e in coordinator_log if e["action"] == "round.finished" and e["subject"].endswith("round-3")]
+    assert "restored from an older backup" in finished[-1]["details"]["refused"]["va"]
