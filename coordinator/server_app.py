@@ -132,7 +132,7 @@ class StudyRunner:
         was rejected (malformed, oversized, a replay, for another request, in another silo's
         name). Each is logged; the round record shows it under the node's known name."""
         if rep.has_error():  # e.g. the node went away or its ClientApp failed: no payload to judge
-            reason = f"no reply: Flower error {rep.error.code} ({str(rep.error.reason)[:200]})"
+            reason = f"no reply: error reply from the node (Flower error {rep.error.code}: {str(rep.error.reason)[:200]})"
             self.audit.append("reply.error", f"node-{node}", {"node": str(node), "round": req.round, "reason": reason})
             return reason
         try:
