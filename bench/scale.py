@@ -238,7 +238,8 @@ class Sampler:
 
 
 # ---- one run -------------------------------------------------------------------------------------
-def run_scale(n: int, rounds: int, work: Path, layout: str = "host", timeout: float = 3600.0) -> dict[str, Any]:
+def run_scale(n: int, rounds: int, work: Path, layout: str = "host", timeout: float = 3600.0,
+              node_poll: float = 0.25) -> dict[str, Any]:
     """One real study with N silos; the measurements, or raises if it did not complete.
 
     layout "host": the silos as one `silo-node host` (libraries imported once, a fork per
@@ -255,14 +256,14 @@ def run_scale(n: int, rounds: int, work: Path, layout: str = "host", timeout: fl
 
     with Sampler() as sampler:
         summary = run_local_study(study_path, work / "state", cohorts, timeout=timeout, on_progress=progress,
-                                  silo_host=layout == "host")
+                                  silo_host=layout == "host", node_poll=node_poll)
     if summary.get("status") != "completed":
         raise RuntimeError(f"{n} silos: study did not complete: {summary.get('status')}: {summary.get('reason')}")
     history = summary["history"]
     secs = [h["seconds"] for h in history]
     mib = 1 << 20
     return {
-        "silos": n, "layout": layout, "rounds": len(history), "study_changes": changed,
+        "silos": n, "layout": layout, "node_poll_s": node_poll, "rounds": len(history), "study_changes": changed,
         "cohort_rows": {name: pq.read_metadata(p).num_rows for name, p in cohorts.items()},
         "contributed_per_round": [len(h["replied"]) for h in history],
         "refused_per_round": [h["refused"] for h in history],
@@ -348,12 +349,12 @@ def mem_available_mib() -> int:
     return -1
 
 
-def attempt(n: int, layout: str, rounds: int) -> dict[str, Any]:
+def attempt(n: int, layout: str, rounds: int, node_poll: float) -> dict[str, Any]:
     """One N; a run that does not complete is kept as a row that says why (the others still count)."""
     free = mem_available_mib()
     with tempfile.TemporaryDirectory(prefix=f"fedcohort-scale-{n}-") as tmp:
         try:
-            row = run_scale(n, rounds, Path(tmp), layout)
+            row = run_scale(n, rounds, Path(tmp), layout, node_poll=node_poll)
         except (RuntimeError, OSError) as exc:
             row = {"silos": n, "layout": layout, "status": "failed", "reason": str(exc)[:500]}
     return {"status": "completed", **row, "mem_available_mib_before": free}
@@ -375,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="silo counts also run as one `silo-node start` process per silo (for comparison)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="OpenMP/BLAS threads per process")
+    ap.add_argument("--node-poll", type=float, default=0.25,
+                    help="SuperNode idle poll, s (shipped 0.25; many co-located silos poll less often)")
     ap.add_argument("--out", type=Path, default=OUT, help="JSON path; the PNG goes next to it")
     ap.add_argument("--resume", action="store_true",
                     help="keep the completed runs already in --out and run only the missing ones (in the order given)")
@@ -392,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     for n, layout in [(n, "host") for n in args.silos] + [(n, "separate") for n in args.separate]:
         if any((r["silos"], r["layout"]) == (n, layout) for r in rows):
             continue
-        rows.append(attempt(n, layout, args.rounds))
+        rows.append(attempt(n, layout, args.rounds, args.node_poll))
         r = rows[-1]
         console.print(f"{n} silos ({layout}): " + (
             f"median {r['median_round_s']:.1f} s/round, first round at {r['time_to_first_round_s']} s, "
@@ -414,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
 def make_report(rows: list[dict[str, Any]], threads: int, load_before: list[float]) -> dict[str, Any]:
     return {
         "rows": rows, "growth": fit_growth([r for r in rows if r["layout"] == "host" and r["status"] == "completed"]),
-        "growth_over": "layout host, completed runs", "threads_per_process": threads, "node_poll_s": 0.25,
+        "growth_over": "layout host, completed runs", "threads_per_process": threads,
         "cohorts": "each hospital file split into disjoint shards in proportion to its rows (largest remainder, "
                    f"at least one each, every shard >= the study's min_rows), dealt round-robin by label and completeness "
                    f"after a seeded shuffle (seed {SHARD_SEED}); N=4 is the four files; no rows or features invented",
