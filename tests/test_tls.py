@@ -359,15 +359,16 @@ def test_replies_must_name_the_silo_registered_for_their_node(tmp_path: Path) ->
     study = load_study(shipped_study())
     runner = StudyRunner(grid=None, study=study, out_dir=tmp_path / "coordinator", timeout=1, poll=0.1, expected=3)
     req = m.Request(study_id=study.id, policy_hash=study.policy_hash(), round=1, nonce=m.new_nonce())
-    assert runner._decode(7, _reply_message(req, "anything", 7), req) is not None  # no book: the insecure demo
+    assert runner._decode(7, _reply_message(req, "anything", 7), req).reply.silo == "anything"  # no book: the demo
     runner.book = StudyBook(tmp_path, study, shipped_study().read_text(), runner.audit)
-    assert runner._decode(7, _reply_message(req, "anything", 7), req) is not None  # nothing registered yet
+    assert runner._decode(7, _reply_message(req, "anything", 7), req).reply.silo == "anything"  # none registered yet
     va, cleveland = request_node_key(tmp_path / "va").public, request_node_key(tmp_path / "cl").public
     runner.book.store.register_node_key("va", va.openssh.decode(), 7)
     runner.book.store.register_node_key("cleveland", cleveland.openssh.decode(), 8)
     assert runner._decode(7, _reply_message(req, "va", 7), req).reply.silo == "va"
-    assert runner._decode(7, _reply_message(req, "cleveland", 7), req) is None  # va's node claiming cleveland
-    assert runner._decode(9, _reply_message(req, "va", 9), req) is None  # a node nobody registered
+    claimed = runner._decode(7, _reply_message(req, "cleveland", 7), req)  # va's node claiming cleveland
+    assert isinstance(claimed, str) and claimed.startswith("reply rejected by the coordinator")
+    assert isinstance(runner._decode(9, _reply_message(req, "va", 9), req), str)  # a node nobody registered
     rejected = [json.loads(line) for line in (tmp_path / "coordinator" / "audit.jsonl").read_text().splitlines()
                 if '"reply.rejected"' in line]
     assert [(e["subject"], e["details"]["node"]) for e in rejected] == [("node-7", "7"), ("node-9", "9")]
