@@ -6,9 +6,9 @@ STATE ?= .fedcohort
 
 .PHONY: demo test bench ui install clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' -c constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
