@@ -42,22 +42,35 @@ def write_big_cohort(path: Path, rows: int, chunk: int = 1_000_000, source: Path
     return path
 
 
-def validate_in_child(study: Path, cohort: Path, out_dir: Path) -> tuple[subprocess.CompletedProcess, int, float]:
-    """Run `silo-node validate --json` as its own process: (result, peak RSS in bytes, wall seconds).
+# Run in the child: its own peak RSS (VmHWM) at exit. ru_maxrss from wait4 is no good here:
+# Linux carries the parent's high-water mark into a (v)forked child across exec, so a child of a
+# big process (pytest after the real-process tests) would report the parent's memory.
+_PEAK_PROBE = """
+import atexit, os, runpy, sys
+def _peak():
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    with open(os.environ["FEDCOHORT_PEAK_FILE"], "w") as out:
+        out.write(str(kb))
+atexit.register(_peak)
+sys.argv = ["silo-node", *sys.argv[1:]]
+runpy.run_module("silo_node.cli", run_name="__main__")
+"""
 
-    The RSS comes from wait4 on that one child, so no other process of the caller counts.
-    """
-    args = [sys.executable, "-m", "silo_node.cli", "validate", "--json", "--study", str(study), "--cohort", str(cohort)]
+
+def validate_in_child(study: Path, cohort: Path, out_dir: Path) -> tuple[subprocess.CompletedProcess, int, float]:
+    """Run `silo-node validate --json` as its own process: (result, its peak RSS in bytes, wall seconds)."""
+    args = [sys.executable, "-c", _PEAK_PROBE, "validate", "--json", "--study", str(study), "--cohort", str(cohort)]
+    peak_file = out_dir / "peak_kb"
+    env = dict(os.environ, FEDCOHORT_PEAK_FILE=str(peak_file))
     with open(out_dir / "stdout", "w+") as out, open(out_dir / "stderr", "w+") as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(args, stdout=out, stderr=err, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.run(args, stdout=out, stderr=err, cwd=ROOT, env=env)
         seconds = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         result = subprocess.CompletedProcess(args, proc.returncode, out.read(), err.read())
-    return result, usage.ru_maxrss * 1024, seconds
+    return result, int(peak_file.read_text()) * 1024, seconds
 
 
 def main(argv: list[str] | None = None) -> int:
