@@ -7,7 +7,7 @@
   coordinator serve --state-dir DIR [--host 0.0.0.0] [--port 9092]   (the TLS SuperLink, in the foreground)
   coordinator health --state-dir DIR            (exit 0 when `serve` and its SuperLink answer; for HEALTHCHECK)
   coordinator silo revoke NAME --state-dir DIR --reason TEXT [--superlink HOST:PORT]
-  coordinator study release --state-dir DIR [--study ID] [--superlink HOST:PORT] --insecure-local-demo
+  coordinator study release --state-dir DIR [--study ID] [--superlink HOST:PORT] [--insecure-local-demo]
   coordinator study export-model --state-dir DIR [--study ID] --out DIR
 """
 
@@ -186,15 +186,7 @@ def _start(args: argparse.Namespace) -> int:
     from coordinator.start import plan_start, start_study
 
     state_dir = Path(args.state_dir).resolve()
-    tls = None
-    if not args.insecure_local_demo:  # TLS to the study CA (`certs init`), e.g. the SuperLink `serve` runs
-        from coordinator.certs import load_superlink_tls
-
-        try:
-            tls = load_superlink_tls(state_dir)
-        except PolicyError as exc:
-            raise PolicyError(f"start runs over TLS to the study CA: {exc}; for a study on 127.0.0.1 without TLS "
-                              "pass --insecure-local-demo") from None
+    tls = _study_tls(state_dir, args.insecure_local_demo, "start")
     plan = plan_start(state_dir, Path(args.study) if args.study else None, args.db_url)
     where = "from the start" if plan.resume_after is None else f"resuming after round {plan.resume_after}"
     print(f"study {plan.label} ({where}); SuperLink {args.superlink}; state in {state_dir}", flush=True)
@@ -339,14 +331,27 @@ def _silo_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--user", default="coordinator-cli", help="who revokes (recorded in the audit log)")
     r.set_defaults(func=_silo_revoke)
 
+def _study_tls(state_dir: Path, insecure_local_demo: bool, command: str):
+    """TLS to the study CA (`certs init`), e.g. the SuperLink `serve` runs; None only when asked."""
+    if insecure_local_demo:
+        return None
+    from coordinator.certs import load_superlink_tls
+
+    try:
+        return load_superlink_tls(state_dir)
+    except PolicyError as exc:
+        raise PolicyError(f"{command} runs over TLS to the study CA: {exc}; for a study on 127.0.0.1 without TLS "
+                          "pass --insecure-local-demo") from None
+
+
 def _study_release(args: argparse.Namespace) -> int:
     """Request the model release (unless one is pending) and deliver it to the silos in a Flower run."""
     from coordinator.release import run_release
 
-    if not args.insecure_local_demo:
-        raise PolicyError("release needs TLS provisioning like `start`; on 127.0.0.1 pass --insecure-local-demo")
-    summary = run_release(Path(args.state_dir), args.study, args.superlink, args.user,
-                          expected_silos=args.expected_silos, db_url=args.db_url, timeout=args.timeout)
+    state_dir = Path(args.state_dir).resolve()
+    tls = _study_tls(state_dir, args.insecure_local_demo, "release")
+    summary = run_release(state_dir, args.study, args.superlink, args.user,
+                          expected_silos=args.expected_silos, db_url=args.db_url, timeout=args.timeout, tls=tls)
     for silo, answer in sorted((summary.get("consents") or {}).items()):
         print(f"  {silo:14s} {answer}")
     if summary.get("release_status") != "released":

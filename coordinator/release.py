@@ -45,6 +45,7 @@ from coordinator.rounds import StudyState
 from coordinator.store import ModelReleaseRow, Store, open_store
 
 if TYPE_CHECKING:  # the ServerApp imports this module; only the type flows back
+    from coordinator.certs import SuperLinkTls
     from coordinator.server_app import SiloAnswer, StudyRunner
 
 RELEASES_DIR = "releases"  # STATE/coordinator/releases/<id>-v<version>/{model_card.json, model.safetensors}
@@ -324,8 +325,9 @@ def _write_summary(coordinator_dir: Path, summary: dict) -> None:
 
 
 def run_release(state_dir: Path, study_id: str | None, address: str, user: str, *, expected_silos: int,
-                db_url: str | None = None, timeout: float = 1800.0) -> dict:
-    """Record the request (unless one is pending) and deliver it in a new Flower run."""
+                db_url: str | None = None, timeout: float = 1800.0, tls: SuperLinkTls | None = None) -> dict:
+    """Record the request (unless one is pending) and deliver it in a new Flower run (over TLS
+    to the study CA unless `tls` is None: the local demo)."""
     from coordinator.start import StartPlan, _policy_file, start_study
 
     state_dir = Path(state_dir).resolve()
@@ -337,7 +339,7 @@ def run_release(state_dir: Path, study_id: str | None, address: str, user: str, 
                             row.id, user, version=row.version)
         plan = StartPlan(_policy_file(state_dir, row), row.label, None)
     summary = start_study(state_dir, plan, address, expected_silos=expected_silos, db_url=db_url, timeout=timeout,
-                          extra_config={"mode": "release"}, summary_name=RELEASE_SUMMARY)
+                          extra_config={"mode": "release"}, summary_name=RELEASE_SUMMARY, tls=tls)
     with open_store(db_url, state_dir) as store:
         final = store.get_release(row.id, version=row.version)
     return summary | {"release_status": final.status if final else None,
